@@ -1,0 +1,13 @@
+"""Policy checks, one per module, each with a kebab-case id used everywhere (config, logs, audit).
+
+``SPECS`` lists every check Mailward ships; the registry builds pipelines from it.
+"""
+
+from gateway.checks.message_size import SPEC as MESSAGE_SIZE
+from gateway.checks.recipient_limit import SPEC as RECIPIENT_LIMIT
+from gateway.checks.sender_identity import SPEC as SENDER_IDENTITY
+from gateway.pipeline.registry import CheckSpec
+
+SPECS: dict[str, CheckSpec] = {s.id: s for s in (SENDER_IDENTITY, RECIPIENT_LIMIT, MESSAGE_SIZE)}
+
+__all__ = ["SPECS"]

@@ -1,0 +1,281 @@
+"""The configuration schema: every key Mailward reads, with its type, default and documentation.
+
+What it does: frozen dataclasses, one per TOML table. Each field's ``doc`` is the single source of the
+key's documentation; ``docs/configuration.md`` lists every key and a test fails when one is missing.
+Per-check options (``[checks.<id>]``) are declared by each check next to its code (see
+``gateway/checks``) and validated by the pipeline registry with the same typed binder.
+
+Reads: nothing; :mod:`gateway.config.loader` fills it from files.
+
+Security notes: ``relay.password`` is a secret: it may be written as ``"env:NAME"`` or ``"file:PATH"``
+so that it does not sit in the config file, and it is never echoed in errors or logs.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from gateway.config.typed import doc_field
+from gateway.core.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class ListenerConfig:
+    name: str = doc_field("submission", "Name of the listener, used in logs and audit records.")
+    address: str = doc_field("0.0.0.0", "Address to bind (IPv4 or IPv6 literal).")  # noqa: S104
+    port: int = doc_field(587, "TCP port (0 picks a free port, for tests).")
+    tls: Literal["starttls", "implicit", "none"] = doc_field(
+        "starttls",
+        "`starttls`: plain connection upgraded with STARTTLS (RFC 3207/6409, port 587); "
+        "`implicit`: TLS from the first byte (RFC 8314, port 465); `none`: no TLS at all "
+        "(only useful for a loopback listener serving trusted networks, e.g. benchmarks).",
+    )
+
+    def validate(self) -> None:
+        if not 0 <= self.port <= 65535:
+            raise ConfigError("", "port", f"{self.port} is not a TCP port")
+        try:
+            ipaddress.ip_address(self.address)
+        except ValueError:
+            raise ConfigError("", "address", f"{self.address!r} is not an IP address") from None
+
+
+def _default_listeners() -> list[ListenerConfig]:
+    return [
+        ListenerConfig("submission", "0.0.0.0", 587, "starttls"),  # noqa: S104
+        ListenerConfig("submissions", "0.0.0.0", 465, "implicit"),  # noqa: S104
+    ]
+
+
+@dataclass(frozen=True)
+class SmtpConfig:
+    hostname: str = doc_field(
+        "", "Name in the banner, EHLO reply and Received: header; empty means the host's FQDN."
+    )
+    listeners: list[ListenerConfig] = field(
+        default_factory=_default_listeners,
+        metadata={"doc": "The listening sockets, as an array of tables `[[smtp.listeners]]`."},
+    )
+    max_message_size: int = doc_field(
+        36_700_160,
+        "Largest message accepted, in bytes: advertised as SIZE, refused with 552 5.3.4 when "
+        "declared bigger at MAIL FROM or when DATA exceeds it (the data is discarded as it arrives).",
+    )
+    max_line_length: int = doc_field(
+        998, "Longest line in DATA, excluding CRLF (RFC 5321: 998); longer → 500 5.5.6."
+    )
+    max_command_length: int = doc_field(
+        512, "Longest command line (RFC 5321: 512, plus what extensions add); longer → 500 5.5.6."
+    )
+    idle_timeout: float = doc_field(
+        300.0,
+        "Seconds the client may take to send its next complete command line (slow command lines "
+        "included). On expiry the gateway sends 421 4.4.2 and closes.",
+    )
+    data_timeout: float = doc_field(
+        600.0,
+        "Seconds the client may take to transfer the whole DATA content after the 354. On expiry "
+        "the gateway sends 421 4.4.2 and closes; nothing is relayed.",
+    )
+    max_connections: int = doc_field(
+        1000, "Concurrent client connections in total; beyond, new ones get 421 4.7.0."
+    )
+    max_connections_per_ip: int = doc_field(
+        20, "Concurrent client connections from one IP address; beyond, new ones get 421 4.7.0."
+    )
+    max_bad_commands: int = doc_field(
+        10, "Unrecognised or malformed commands before the gateway says 421 and closes."
+    )
+    trusted_networks: list[str] = doc_field(
+        [],
+        "CIDR networks allowed to relay WITHOUT authentication (e.g. a loopback benchmark "
+        "listener or a Postfix that authenticated the client already). Default: none.",
+    )
+    bare_newline: Literal["reject", "normalize"] = doc_field(
+        "reject",
+        "What to do with a bare CR, bare LF or NUL in DATA: `reject` (550 5.6.0, like Postfix "
+        "`smtpd_forbid_bare_newline = normalize` rejecting) or `normalize` (bare CR/LF become "
+        "CRLF, NUL is removed). Either way the message is never relayed as received.",
+    )
+    smtputf8: bool = doc_field(True, "Offer SMTPUTF8 (RFC 6531) to clients.")
+
+    def validate(self) -> None:
+        for i, net in enumerate(self.trusted_networks):
+            try:
+                ipaddress.ip_network(net, strict=False)
+            except ValueError:
+                raise ConfigError(
+                    "", f"trusted_networks[{i}]", f"{net!r} is not a network"
+                ) from None
+        names = [listener.name for listener in self.listeners]
+        if len(set(names)) != len(names):
+            raise ConfigError("", "listeners", "listener names must be unique")
+        if self.max_message_size < 1024:
+            raise ConfigError("", "max_message_size", "must be at least 1024 bytes")
+        for key in ("idle_timeout", "data_timeout"):
+            if getattr(self, key) <= 0:
+                raise ConfigError("", key, "must be positive")
+
+
+@dataclass(frozen=True)
+class TlsConfig:
+    cert_file: str = doc_field(
+        "",
+        "PEM certificate chain for the listeners. Empty: a self-signed certificate is generated "
+        "on first start in `<state_dir>/tls/` (fine for tests and the demo, not for customers).",
+    )
+    key_file: str = doc_field("", "PEM private key matching `cert_file`.")
+    min_version: Literal["TLSv1.2", "TLSv1.3"] = doc_field(
+        "TLSv1.2", "Lowest TLS version offered to clients."
+    )
+
+    def validate(self) -> None:
+        if bool(self.cert_file) != bool(self.key_file):
+            raise ConfigError("", "key_file", "cert_file and key_file go together")
+
+
+@dataclass(frozen=True)
+class DatabaseConfig:
+    url: str = doc_field(
+        "sqlite+aiosqlite:///{state_dir}/mailward.db",
+        "SQLAlchemy URL of the database holding accounts and the audit log. `{state_dir}` is "
+        "replaced by `state_dir`. PostgreSQL: `postgresql+psycopg://user@host/db`.",
+    )
+    auto_migrate: bool = doc_field(
+        False,
+        "Run `db upgrade` automatically at start. Convenient on SQLite; on PostgreSQL prefer "
+        "running `mailward db upgrade` as a deploy step.",
+    )
+    sqlite_synchronous: Literal["normal", "full"] = doc_field(
+        "normal",
+        "SQLite `PRAGMA synchronous` in WAL mode: `normal` survives a process crash, `full` also "
+        "a power loss (slower: one fsync per commit).",
+    )
+    pool_size: int = doc_field(10, "Connections kept open to the database (PostgreSQL).")
+    timeout: float = doc_field(
+        10.0, "Seconds a database operation may take before the transaction is deferred (4xx)."
+    )
+
+
+@dataclass(frozen=True)
+class RelayConfig:
+    host: str = doc_field("127.0.0.1", "The upstream relay (the ISP's MTA).")
+    port: int = doc_field(25, "Its port.")
+    tls: Literal["none", "starttls", "implicit"] = doc_field(
+        "starttls", "How to talk to the upstream: plain, STARTTLS (mandatory if set) or implicit TLS."
+    )
+    verify_certificate: bool = doc_field(
+        True, "Verify the upstream's certificate and host name (with `ca_file` or system CAs)."
+    )
+    ca_file: str = doc_field("", "PEM bundle of CAs trusted for the upstream; empty: system CAs.")
+    username: str = doc_field("", "AUTH user for the upstream; empty: no AUTH.")
+    password: str = doc_field(
+        "",
+        "AUTH password for the upstream: a literal, `env:NAME` (read from the environment) or "
+        "`file:PATH` (first line of a file).",
+        secret=True,
+    )
+    helo_name: str = doc_field("", "Name sent in EHLO to the upstream; empty: `smtp.hostname`.")
+    connect_timeout: float = doc_field(30.0, "Seconds to connect and get the upstream's banner.")
+    command_timeout: float = doc_field(
+        300.0, "Seconds to wait for the upstream's reply to one command."
+    )
+    data_timeout: float = doc_field(
+        600.0, "Seconds to wait for the upstream's reply after the end of DATA (RFC 5321: 10 min)."
+    )
+    pool_size: int = doc_field(
+        50, "Upstream connections open at most; a session waits for one when all are busy."
+    )
+    pool_idle_seconds: float = doc_field(
+        30.0, "An idle pooled upstream connection is closed (QUIT) after this many seconds."
+    )
+    max_messages_per_connection: int = doc_field(
+        100, "Messages sent over one upstream connection before it is closed and renewed."
+    )
+    verify_recipients: bool = doc_field(
+        True,
+        "Proxy each RCPT to the upstream at RCPT time, so a recipient the upstream refuses is "
+        "refused to the client then (no silent loss). If false, the upstream's RCPT refusals "
+        "are only seen at end of data and the whole message is refused.",
+    )
+    add_received_header: bool = doc_field(
+        True, "Prepend a Received: trace header (RFC 5321 4.4); nothing else is changed."
+    )
+
+    def validate(self) -> None:
+        if not 0 < self.port <= 65535:
+            raise ConfigError("", "port", f"{self.port} is not a TCP port")
+        if self.password and not self.username:
+            raise ConfigError("", "username", "a password is set but no username")
+        if self.pool_size < 1:
+            raise ConfigError("", "pool_size", "must be at least 1")
+
+
+@dataclass(frozen=True)
+class AuditConfig:
+    batch_size: int = doc_field(
+        256, "Most audit records written in one database transaction (group commit)."
+    )
+
+
+@dataclass(frozen=True)
+class CheckSettings:
+    """Options common to every check; check-specific options sit beside them in the same table."""
+
+    mode: Literal["enforce", "warn", "off"] = doc_field(
+        "enforce",
+        "`enforce`: the verdict applies; `warn`: the verdict is logged and audited as 'would have' "
+        "but the transaction continues; `off`: the check does not run.",
+    )
+    timeout: float = doc_field(
+        5.0, "Seconds the check may take; on expiry `on_error` applies (a timeout is an error)."
+    )
+    on_error: Literal["defer", "continue"] = doc_field(
+        "defer",
+        "When the check fails or times out: `defer` answers 451 4.3.0 (fail closed); `continue` "
+        "records the error and goes on (only for non-critical checks).",
+    )
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    soft_fail: bool = doc_field(
+        False,
+        "Turn every permanent (5xx) check verdict into its temporary twin (4xx), like Postfix "
+        "`soft_bounce`, for safe roll-outs. Authentication and protocol errors are not affected.",
+    )
+    connect: list[str] = doc_field([], "Check ids run when a client connects, in order.")
+    mail: list[str] = doc_field([], "Check ids run at MAIL FROM, in order.")
+    rcpt: list[str] = doc_field([], "Check ids run at each RCPT TO, in order (per recipient).")
+    data: list[str] = doc_field([], "Check ids run at end of data (whole message), in order.")
+
+
+@dataclass(frozen=True)
+class LogConfig:
+    level: Literal["debug", "info", "warning", "error"] = doc_field("info", "Log level.")
+    format: Literal["text", "json"] = doc_field("text", "`text` for humans, `json` one per line.")
+
+
+@dataclass(frozen=True)
+class Config:
+    state_dir: str = doc_field(
+        "/var/lib/mailward", "Directory for the SQLite database, generated TLS files and spool."
+    )
+    smtp: SmtpConfig = field(default_factory=SmtpConfig, metadata={"doc": ""})
+    tls: TlsConfig = field(default_factory=TlsConfig, metadata={"doc": ""})
+    database: DatabaseConfig = field(default_factory=DatabaseConfig, metadata={"doc": ""})
+    relay: RelayConfig = field(default_factory=RelayConfig, metadata={"doc": ""})
+    audit: AuditConfig = field(default_factory=AuditConfig, metadata={"doc": ""})
+    pipeline: PipelineConfig = field(default_factory=PipelineConfig, metadata={"doc": ""})
+    log: LogConfig = field(default_factory=LogConfig, metadata={"doc": ""})
+    checks: dict[str, dict[str, Any]] = doc_field(
+        {},
+        "Per-check tables `[checks.<id>]`: the common keys `mode`, `timeout`, `on_error` and the "
+        "check's own options (see the per-check list below).",
+    )
+
+    @property
+    def database_url(self) -> str:
+        return self.database.url.replace("{state_dir}", self.state_dir)

@@ -1,0 +1,1 @@
+"""The ordered-checks pipeline: Check protocol, runner and registry."""

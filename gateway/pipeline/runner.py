@@ -1,0 +1,173 @@
+"""The ordered-checks runner: Postfix restriction lists with rspamd-style explicit modes.
+
+What it does: for one stage, walks the configured checks in order. Each check returns a Verdict; the
+first decisive verdict (defer/reject) in ``enforce`` mode wins and ends the walk. ``warn`` mode records
+the verdict as "would have" and continues; ``off`` checks are never called. A check that raises or
+exceeds its timeout is an error: ``on_error = "defer"`` (default) answers 451 4.3.0 — never fail open —
+while ``continue`` records the error and goes on. The global ``soft_fail`` turns a permanent verdict
+into its 4xx twin. Every non-continue result is appended to the transaction's verdict list, which the
+audit stores as is.
+
+Reads: the checks and their settings given at construction (built by the registry from config).
+
+Security notes: exception text from a check goes to the log with an incident id, never to the client.
+The runner knows nothing of SMTP text: replies come from the catalog via the checks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from gateway.config.schema import CheckSettings
+from gateway.core import replies
+from gateway.core.model import (
+    CONTINUE,
+    Action,
+    Mode,
+    OnError,
+    Recipient,
+    Stage,
+    Transaction,
+    Verdict,
+    VerdictRecord,
+    new_id,
+)
+
+log = logging.getLogger("mailward.pipeline")
+
+
+class Check(Protocol):
+    """A policy check. It returns verdicts; it never writes to the socket or formats SMTP text."""
+
+    id: str
+    stages: frozenset[Stage]
+
+    async def evaluate(
+        self, stage: Stage, txn: Transaction, rcpt: Recipient | None
+    ) -> Verdict: ...
+
+
+@dataclass(frozen=True)
+class ConfiguredCheck:
+    check: Check
+    mode: Mode
+    timeout: float
+    on_error: OnError
+
+    @property
+    def id(self) -> str:
+        return self.check.id
+
+    @classmethod
+    def from_settings(cls, check: Check, settings: CheckSettings) -> ConfiguredCheck:
+        return cls(check, Mode(settings.mode), settings.timeout, OnError(settings.on_error))
+
+
+class Pipeline:
+    def __init__(
+        self, stages: Mapping[Stage, Sequence[ConfiguredCheck]], *, soft_fail: bool = False
+    ) -> None:
+        for stage, checks in stages.items():
+            for c in checks:
+                if stage not in c.check.stages:
+                    raise ValueError(f"check {c.id} does not run at stage {stage}")
+        self._stages = {
+            stage: tuple(c for c in checks if c.mode is not Mode.OFF)
+            for stage, checks in stages.items()
+        }
+        self._all = {stage: tuple(checks) for stage, checks in stages.items()}
+        self.soft_fail = soft_fail
+
+    def describe(self) -> dict[Stage, tuple[ConfiguredCheck, ...]]:
+        """Every configured check per stage, in order, ``off`` ones included (policy show)."""
+        return {stage: self._all.get(stage, ()) for stage in Stage}
+
+    async def run(self, stage: Stage, txn: Transaction, rcpt: Recipient | None = None) -> Verdict:
+        """The stage's decision: CONTINUE or the first decisive enforced verdict."""
+        for configured in self._stages.get(stage, ()):
+            verdict = await self._evaluate(configured, stage, txn, rcpt)
+            if not verdict.decisive:
+                continue
+            applied = configured.mode is Mode.ENFORCE
+            if applied and self.soft_fail and verdict.reply and verdict.reply.is_permanent:
+                verdict = Verdict(
+                    Action.DEFER,
+                    verdict.reply.softened(),
+                    verdict.reason + " (soft_fail)",
+                    verdict.measured,
+                    verdict.limit,
+                )
+            self._record(configured, stage, txn, rcpt, verdict, applied)
+            if applied:
+                return verdict
+            log.info(
+                "check %s would %s (warn mode) txn=%s: %s",
+                configured.id,
+                verdict.action,
+                txn.id,
+                verdict.reason,
+            )
+        return CONTINUE
+
+    async def _evaluate(
+        self, configured: ConfiguredCheck, stage: Stage, txn: Transaction, rcpt: Recipient | None
+    ) -> Verdict:
+        try:
+            async with asyncio.timeout(configured.timeout):
+                return await configured.check.evaluate(stage, txn, rcpt)
+        except Exception as exc:  # any failure of a check is handled by policy, never fails open
+            incident = new_id()
+            timed_out = isinstance(exc, TimeoutError)
+            log.error(
+                "check %s %s at %s txn=%s incident=%s: %s",
+                configured.id,
+                "timed out" if timed_out else "failed",
+                stage,
+                txn.id,
+                incident,
+                "timeout" if timed_out else repr(exc),
+            )
+            reason = (
+                f"check timed out after {configured.timeout}s"
+                if timed_out
+                else f"check error (incident {incident})"
+            )
+            reply = replies.POLICY_TEMPFAIL.format(check=configured.id)
+            verdict = Verdict(Action.DEFER, reply, reason)
+            if configured.on_error is OnError.CONTINUE:
+                self._record(configured, stage, txn, rcpt, verdict, applied=False)
+                return CONTINUE
+            # on_error=defer applies even in warn mode: an erroring check never lets mail through
+            # silently when it is meant to be enforced; in warn mode it is only recorded.
+            if configured.mode is Mode.WARN:
+                self._record(configured, stage, txn, rcpt, verdict, applied=False)
+                return CONTINUE
+            return verdict
+
+    @staticmethod
+    def _record(
+        configured: ConfiguredCheck,
+        stage: Stage,
+        txn: Transaction,
+        rcpt: Recipient | None,
+        verdict: Verdict,
+        applied: bool,
+    ) -> None:
+        txn.verdicts.append(
+            VerdictRecord(
+                check_id=configured.id,
+                stage=stage,
+                action=verdict.action,
+                mode=configured.mode,
+                reply=verdict.reply.line() if verdict.reply else "",
+                reason=verdict.reason,
+                recipient=rcpt.address if rcpt else None,
+                measured=verdict.measured,
+                limit=verdict.limit,
+                applied=applied,
+            )
+        )
