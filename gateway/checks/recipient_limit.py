@@ -38,7 +38,7 @@ class RecipientLimit:
         self.limit = options.max_recipients
 
     async def evaluate(self, stage: Stage, txn: Transaction, rcpt: Recipient | None) -> Verdict:
-        accepted = len(txn.accepted)
+        accepted = sum(1 for r in txn.accepted if r is not rcpt)
         if accepted < self.limit:
             return CONTINUE
         return Verdict.defer(

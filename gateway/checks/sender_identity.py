@@ -40,7 +40,9 @@ class SenderIdentity:
 
     async def evaluate(self, stage: Stage, txn: Transaction, rcpt: Recipient | None) -> Verdict:
         identity = txn.session.identity
-        if identity is None or identity.trusted_network:
+        if identity is None:  # unreachable behind the AUTH gate; fail closed all the same
+            return Verdict.reject(replies.AUTH_REQUIRED, "no identity")
+        if identity.trusted_network:
             return CONTINUE
         login = identity.login or "-"
         if stage is Stage.MAIL:

@@ -95,9 +95,9 @@ class SmtpConfig:
     )
     bare_newline: Literal["reject", "normalize"] = doc_field(
         "reject",
-        "What to do with a bare CR, bare LF or NUL in DATA: `reject` (550 5.6.0, like Postfix "
-        "`smtpd_forbid_bare_newline = normalize` rejecting) or `normalize` (bare CR/LF become "
-        "CRLF, NUL is removed). Either way the message is never relayed as received.",
+        "What to do with a bare CR, bare LF or NUL in DATA (SMTP smuggling, cf. Postfix "
+        "`smtpd_forbid_bare_newline`): `reject` answers 550 5.6.0; `normalize` turns bare CR/LF "
+        "into CRLF and removes NUL. Either way such bytes are never relayed as received.",
     )
     smtputf8: bool = doc_field(True, "Offer SMTPUTF8 (RFC 6531) to clients.")
 
@@ -164,7 +164,8 @@ class RelayConfig:
     host: str = doc_field("127.0.0.1", "The upstream relay (the ISP's MTA).")
     port: int = doc_field(25, "Its port.")
     tls: Literal["none", "starttls", "implicit"] = doc_field(
-        "starttls", "How to talk to the upstream: plain, STARTTLS (mandatory if set) or implicit TLS."
+        "starttls",
+        "How to talk to the upstream: plain, STARTTLS (mandatory if set) or implicit TLS.",
     )
     verify_certificate: bool = doc_field(
         True, "Verify the upstream's certificate and host name (with `ca_file` or system CAs)."

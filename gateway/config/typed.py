@@ -137,7 +137,8 @@ def build(cls: type[T], data: Mapping[str, Any], source: str, prefix: str = "") 
         try:
             validate()
         except ConfigError as exc:
-            raise ConfigError(source, f"{prefix}.{exc.key}" if prefix else exc.key, exc.problem)
+            key = f"{prefix}.{exc.key}" if prefix else exc.key
+            raise ConfigError(source, key, exc.problem) from None
     return obj
 
 

@@ -52,6 +52,11 @@ class Headers:
 
     def __init__(self, data: bytes) -> None:
         self._msg = _PARSER.parsebytes(header_block(data))
+        # False when the header section is larger than the parsing bound: a header beyond it
+        # (e.g. a second From:) would go unseen, so such a message has no usable From:.
+        self.complete = (
+            len(data) <= MAX_HEADER_BYTES or data.find(b"\r\n\r\n", 0, MAX_HEADER_BYTES) >= 0
+        )
 
     def values(self, name: str) -> list[str]:
         return [str(v) for v in (self._msg.get_all(name) or [])]
@@ -66,7 +71,7 @@ class Headers:
     def from_addresses(self) -> list[str] | None:
         """Addresses in From: (all of them), or None when missing, repeated or unparsable."""
         values = self.values("From")
-        if len(values) != 1:
+        if not self.complete or len(values) != 1:
             return None
         pairs = getaddresses(values)
         addrs = [addr for _, addr in pairs if addr]

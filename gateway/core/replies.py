@@ -142,24 +142,19 @@ BARE_NEWLINE = Reply(550, "5.6.0", "Message contains bare CR, bare LF or NUL (RF
 EIGHTBIT_WITHOUT_BODY = Reply(
     554, "5.6.0", "8-bit data without BODY=8BITMIME or SMTPUTF8 is not accepted"
 )
-MESSAGE_ACCEPTED = Reply(250, "2.0.0", "Ok: queued as {queue_id}")
-MESSAGE_ACCEPTED_UPSTREAM = Reply(250, "2.0.0", "Ok: relayed, upstream said: {upstream}")
+MESSAGE_ACCEPTED = Reply(250, "2.0.0", "Ok: queued as {queue_id} (transaction {txn})")
 
 # --- policy / pipeline ----------------------------------------------------------------------------
 POLICY_TEMPFAIL = Reply(451, "4.3.0", "Temporary policy failure ({check}), try again later")
-RELAY_DENIED = Reply(554, "5.7.1", "Relay access denied")
 
 # --- upstream / custody ---------------------------------------------------------------------------
 UPSTREAM_UNAVAILABLE = Reply(451, "4.4.1", "Upstream relay unavailable, try again later")
 UPSTREAM_TIMEOUT = Reply(451, "4.4.2", "Upstream relay timed out, try again later")
 UPSTREAM_DROPPED = Reply(451, "4.4.2", "Upstream relay dropped the connection, try again later")
 UPSTREAM_TEMPFAIL = Reply(451, "4.4.3", "Upstream relay deferred: {upstream}")
-UPSTREAM_SMTPUTF8_UNSUPPORTED = Reply(
-    553, "5.6.7", "Upstream relay does not support SMTPUTF8"
-)
+UPSTREAM_SMTPUTF8_UNSUPPORTED = Reply(553, "5.6.7", "Upstream relay does not support SMTPUTF8")
 UPSTREAM_8BIT_UNSUPPORTED = Reply(554, "5.6.3", "Upstream relay does not support 8BITMIME")
 AUDIT_UNAVAILABLE = Reply(451, "4.3.0", "Audit log unavailable, try again later")
-CREDENTIALS_UNAVAILABLE = AUTH_TEMPFAIL
 
 
 def catalog() -> dict[str, Reply]:

@@ -45,7 +45,7 @@ def split_settings(
     common = {k: v for k, v in raw.items() if k.replace("-", "_") in _COMMON}
     own = {k: v for k, v in raw.items() if k.replace("-", "_") not in _COMMON}
     settings = build(CheckSettings, common, source, f"checks.{check_id}")
-    options = build(spec.options, own, source, f"checks.{check_id}")
+    options: Any = build(spec.options, own, source, f"checks.{check_id}")
     if settings.timeout <= 0:
         raise ConfigError(source, f"checks.{check_id}.timeout", "must be positive")
     return settings, options

@@ -46,9 +46,7 @@ class Check(Protocol):
     id: str
     stages: frozenset[Stage]
 
-    async def evaluate(
-        self, stage: Stage, txn: Transaction, rcpt: Recipient | None
-    ) -> Verdict: ...
+    async def evaluate(self, stage: Stage, txn: Transaction, rcpt: Recipient | None) -> Verdict: ...
 
 
 @dataclass(frozen=True)
@@ -118,7 +116,13 @@ class Pipeline:
     ) -> Verdict:
         try:
             async with asyncio.timeout(configured.timeout):
-                return await configured.check.evaluate(stage, txn, rcpt)
+                verdict = await configured.check.evaluate(stage, txn, rcpt)
+            if not isinstance(verdict, Verdict) or (
+                verdict.decisive and (verdict.reply is None or verdict.reply.is_positive)
+            ):
+                # a defective check is an error like any other: on_error applies, never pass
+                raise TypeError(f"check {configured.id} returned an unusable verdict")
+            return verdict
         except Exception as exc:  # any failure of a check is handled by policy, never fails open
             incident = new_id()
             timed_out = isinstance(exc, TimeoutError)

@@ -1,0 +1,900 @@
+"""Relay benchmark: messages/s through Mailward against smtp-source -> smtp-sink directly.
+
+What it does: starts Postfix's ``smtp-sink`` on a free loopback port and, for each cell (message
+size x concurrent sessions x connection mode), measures in the same run
+
+* the baseline: ``smtp-source`` -> ``smtp-sink`` directly, and
+* the gateway: ``smtp-source`` -> ``mailward serve`` (a loopback listener, TLS and AUTH off for a
+  trusted network, the audit written to SQLite) -> ``smtp-sink``,
+
+interleaving the two for every repetition. It prints messages/s for both and the ratio
+gateway/baseline, the gateway's CPU time per message, and checks that the sink received every
+message and that the audit holds one ``delivered`` record per message. Results go to
+``bench/results/<timestamp>.json`` (git-ignored). With ``--profile`` each cell is run once more
+with ``py-spy`` attached to the gateway (or the gateway under ``cProfile``) and the top functions
+are added to the results.
+
+Usage (from the repository root)::
+
+    .venv/bin/python bench/run.py            # full run, both connection modes
+    .venv/bin/python bench/run.py --quick    # smoke run, small counts
+    .venv/bin/python bench/run.py --profile  # plus one profiled gateway run per cell
+
+Needs: ``/usr/sbin/smtp-source`` and ``/usr/sbin/smtp-sink`` (Debian package ``postfix``; the
+Postfix daemon itself is not used and must not be running), and for ``--profiler py-spy`` the
+``py-spy`` package in the venv. Speed is never asserted; this only measures and reports.
+
+Security notes: traffic stays on 127.0.0.1; every process started here is stopped here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime as dt
+import json
+import os
+import platform
+import shutil
+import signal
+import socket
+import sqlite3
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+RESULTS_DIR = REPO / "bench" / "results"
+SMTP_SOURCE = "/usr/sbin/smtp-source"
+SMTP_SINK = "/usr/sbin/smtp-sink"
+HOST = "127.0.0.1"
+HELO_NAME = "bench.local"
+SENDER = "bench@bench.local"
+RECIPIENT = "sink@example.test"
+SINK_USER = "nobody"
+GOAL_MSGS_PER_SEC = 500.0  # at 20 sessions, ~2 KB messages, audit written
+
+SIZES = {"2KB": 2048, "100KB": 102_400}
+# Messages per timed run: large enough that the baseline run lasts well over 0.1 s.
+FULL_COUNTS = {("2KB", 1): 2000, ("2KB", 20): 10_000, ("100KB", 1): 500, ("100KB", 20): 2000}
+QUICK_COUNTS = {("2KB", 1): 100, ("2KB", 20): 400, ("100KB", 1): 30, ("100KB", 20): 100}
+
+# How the gateway is started: "cli" is exactly `mailward --config FILE serve` (the console
+# script's entry point); "app" builds GatewayApp the way `serve` does, without the CLI (a fallback
+# for when an unrelated sub-command does not import).
+LAUNCHERS = {
+    "cli": """\
+import sys
+from gateway.cli import main
+sys.exit(main())
+""",
+    "app": """\
+import asyncio, sys
+from gateway.app import GatewayApp, validate_pipeline
+from gateway.config import load_config
+from gateway.logs import configure
+config = load_config(sys.argv[2])
+validate_pipeline(config, sys.argv[2])
+configure(config.log)
+asyncio.run(GatewayApp(config).serve_forever())
+""",
+}
+
+
+# --------------------------------------------------------------------------- small helpers
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind((HOST, 0))
+        return int(s.getsockname()[1])
+
+
+def wait_for_smtp(port: int, proc: subprocess.Popen[bytes], timeout: float) -> None:
+    """Wait until ``port`` answers with a 220 banner (then QUIT); fail if ``proc`` exits."""
+    deadline = time.monotonic() + timeout
+    last: Exception | None = None
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"process exited with code {proc.returncode} before listening")
+        try:
+            with socket.create_connection((HOST, port), timeout=2) as s:
+                banner = s.makefile("rb").readline()
+                if banner.startswith(b"220"):
+                    s.sendall(b"QUIT\r\n")
+                    with contextlib.suppress(OSError):
+                        s.recv(512)
+                    return
+                last = RuntimeError(f"unexpected banner {banner!r}")
+        except OSError as exc:
+            last = exc
+        time.sleep(0.1)
+    raise RuntimeError(f"port {port} not ready after {timeout:.0f} s: {last}")
+
+
+def stop_process(
+    proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM, grace: float = 30.0
+) -> str:
+    """Signal ``proc`` and wait; SIGKILL after ``grace`` seconds. Returns how it ended."""
+    if proc.poll() is not None:
+        return f"already exited ({proc.returncode})"
+    proc.send_signal(sig)
+    try:
+        proc.wait(grace)
+        return f"exited ({proc.returncode})"
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+        return f"KILLED after {grace:.0f} s"
+
+
+def tail(path: Path, n: int = 2000) -> str:
+    try:
+        data = path.read_bytes()
+    except OSError:
+        return ""
+    return data[-n:].decode("utf-8", "replace")
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process (all its threads) from /proc."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return float("nan")
+    ticks = os.sysconf("SC_CLK_TCK")
+    return (int(fields[11]) + int(fields[12])) / ticks  # utime, stime (fields 14, 15)
+
+
+def machine_info() -> dict[str, Any]:
+    model = ""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    mem = ""
+    with contextlib.suppress(OSError):
+        mem = Path("/proc/meminfo").read_text().splitlines()[0].split(":", 1)[1].strip()
+    postfix = ""
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        postfix = subprocess.run(
+            ["dpkg-query", "-W", "-f=${Version}", "postfix"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout
+    return {
+        "nproc": os.cpu_count(),
+        "cpu_model": model,
+        "memory": mem,
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "postfix_package": postfix,
+    }
+
+
+def code_version() -> dict[str, Any]:
+    """The commit, whether gateway/ has uncommitted changes, and a digest of gateway/**/*.py (the
+    gateway is measured as it is in the work tree)."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for path in sorted((REPO / "gateway").rglob("*.py")):
+        digest.update(str(path.relative_to(REPO)).encode() + b"\0" + path.read_bytes())
+    info: dict[str, Any] = {"gateway_sources_sha256": digest.hexdigest()[:16]}
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        git = ["git", "-C", str(REPO)]
+        info["commit"] = subprocess.run(
+            [*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10
+        ).stdout.strip()
+        info["gateway_dirty"] = bool(
+            subprocess.run(
+                [*git, "status", "--porcelain", "--", "gateway"],
+                capture_output=True,
+                text=True,
+                timeout=10,
+            ).stdout.strip()
+        )
+    return info
+
+
+def postfix_master_running() -> bool:
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        with contextlib.suppress(OSError):
+            if b"/usr/lib/postfix/sbin/master" in cmdline.read_bytes():
+                return True
+    return False
+
+
+# --------------------------------------------------------------------------- smtp-sink
+
+
+class Sink:
+    """``smtp-sink`` on a free loopback port; counts the messages it received (``-c``)."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.port = free_port()
+        self.out = workdir / "smtp-sink.out"
+        self.cmd = [SMTP_SINK, "-c", "-u", SINK_USER, f"{HOST}:{self.port}", "1024"]
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        with self.out.open("wb") as out:
+            self.proc = subprocess.Popen(self.cmd, stdout=out, stderr=subprocess.STDOUT)
+        wait_for_smtp(self.port, self.proc, 10)
+
+    def messages(self) -> int:
+        """The sink's running message counter (its ``-c`` output: ``sess=N quit=N mesg=N``)."""
+        text = tail(self.out, 200).replace("\n", "\r")
+        for record in reversed(text.split("\r")):
+            for item in record.split():
+                if item.startswith("mesg="):
+                    with contextlib.suppress(ValueError):
+                        return int(item[5:])
+        return 0
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            stop_process(self.proc, grace=5)
+
+
+# --------------------------------------------------------------------------- smtp-source
+
+
+@dataclass
+class SourceRun:
+    count: int
+    seconds: float
+    msgs_per_sec: float
+    sink_received: int
+    ok: bool
+    error: str = ""
+    gateway_cpu_seconds: float | None = None
+
+
+def source_cmd(port: int, size: int, sessions: int, count: int, reuse: bool) -> list[str]:
+    cmd = [SMTP_SOURCE, "-s", str(sessions), "-m", str(count), "-l", str(size)]
+    if reuse:
+        cmd.append("-d")  # several messages per connection
+    cmd += ["-M", HELO_NAME, "-f", SENDER, "-t", RECIPIENT, "-S", "bench", f"{HOST}:{port}"]
+    return cmd
+
+
+def run_source(
+    sink: Sink,
+    port: int,
+    size: int,
+    sessions: int,
+    count: int,
+    reuse: bool,
+    gateway_pid: int | None = None,
+    timeout: float = 1800,
+) -> SourceRun:
+    cmd = source_cmd(port, size, sessions, count, reuse)
+    before = sink.messages()
+    cpu0 = cpu_seconds(gateway_pid) if gateway_pid else None
+    t0 = time.perf_counter()
+    try:
+        proc = subprocess.run(cmd, capture_output=True, timeout=timeout)
+        rc, err = proc.returncode, proc.stderr.decode("utf-8", "replace").strip()
+    except subprocess.TimeoutExpired:
+        rc, err = -1, f"smtp-source timed out after {timeout:.0f} s"
+    seconds = time.perf_counter() - t0
+    cpu1 = cpu_seconds(gateway_pid) if gateway_pid else None
+    received = sink.messages() - before
+    if received < count:  # the counter file may lag a little
+        time.sleep(0.2)
+        received = sink.messages() - before
+    ok = rc == 0 and received == count
+    if not ok and not err:
+        err = f"smtp-source exit {rc}, sink received {received} of {count}"
+    return SourceRun(
+        count=count,
+        seconds=round(seconds, 4),
+        msgs_per_sec=round(count / seconds, 1),
+        sink_received=received,
+        ok=ok,
+        error=err[-800:],
+        gateway_cpu_seconds=(
+            round(cpu1 - cpu0, 3) if cpu0 is not None and cpu1 is not None else None
+        ),
+    )
+
+
+# --------------------------------------------------------------------------- the gateway
+
+
+def gateway_toml(state_dir: Path, port: int, sink_port: int) -> str:
+    return f"""\
+# Mailward benchmark configuration (written by bench/run.py)
+state_dir = "{state_dir}"
+
+[database]
+auto_migrate = true          # SQLite at {{state_dir}}/mailward.db, synchronous = normal (default)
+
+[smtp]
+hostname = "{HELO_NAME}"
+trusted_networks = ["127.0.0.1/32"]   # relaying without AUTH from loopback only
+# smtp-source opens a new connection per message: a closing one may still be counted when the
+# next opens, so the per-IP limit (default 20) is raised above the 20 sessions used here.
+max_connections_per_ip = 200
+
+[[smtp.listeners]]
+name = "bench"
+address = "{HOST}"
+port = {port}
+tls = "none"
+
+[relay]
+host = "{HOST}"
+port = {sink_port}
+tls = "none"
+pool_size = 32
+
+[log]
+level = "warning"
+"""
+
+
+def pyspy_path() -> str | None:
+    return shutil.which("py-spy", path=str(Path(sys.executable).parent)) or shutil.which("py-spy")
+
+
+class Gateway:
+    """``mailward serve`` in a subprocess; under cProfile for its whole life if asked (py-spy
+    attaches to the running process instead, see :class:`PySpy`)."""
+
+    def __init__(
+        self, workdir: Path, sink_port: int, entry: str = "cli", cprofile: bool = False
+    ) -> None:
+        self.dir = Path(tempfile.mkdtemp(prefix="gw-", dir=workdir))
+        self.state = self.dir / "state"
+        self.state.mkdir()
+        self.port = free_port()
+        self.config = self.dir / "mailward.toml"
+        self.config.write_text(gateway_toml(self.state, self.port, sink_port))
+        launcher = self.dir / "launch_mailward.py"
+        launcher.write_text(LAUNCHERS[entry])
+        self.log = self.dir / "gateway.log"
+        self.profile_out = self.dir / "profile.pstats"
+        serve = [str(launcher), "--config", str(self.config), "serve"]
+        if cprofile:
+            self.cmd = [sys.executable, "-m", "cProfile", "-o", str(self.profile_out), *serve]
+        else:
+            self.cmd = [sys.executable, *serve]
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid if self.proc is not None else 0
+
+    def start(self) -> None:
+        env = dict(os.environ)
+        env.pop("MAILWARD_CONFIG", None)
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+        with self.log.open("wb") as log:
+            self.proc = subprocess.Popen(
+                self.cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=self.dir
+            )
+        try:
+            wait_for_smtp(self.port, self.proc, 60)
+        except RuntimeError as exc:
+            self.stop()
+            raise RuntimeError(
+                f"gateway did not start: {exc}\n--- log:\n{tail(self.log)}"
+            ) from None
+
+    def stop(self) -> str:
+        """SIGTERM (graceful: sessions end, the audit is flushed), SIGKILL after 30 s."""
+        if self.proc is None:
+            return "not started"
+        return stop_process(self.proc)
+
+    def audit_summary(self) -> dict[str, Any]:
+        """Counts of audit records by kind and outcome, read from the SQLite database."""
+        db = self.state / "mailward.db"
+        if not db.exists():
+            return {"error": f"no database at {db}"}
+        try:
+            con = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+            try:
+                rows = con.execute(
+                    "SELECT kind, coalesce(outcome, ''), count(*), avg(size) "
+                    "FROM audit_record GROUP BY 1, 2 ORDER BY 1, 2"
+                ).fetchall()
+            finally:
+                con.close()
+        except sqlite3.Error as exc:
+            return {"error": f"cannot read audit_record: {exc}"}
+        by = {f"{k}/{o}": n for k, o, n, _ in rows}
+        sizes = {f"{k}/{o}": round(s) for k, o, _, s in rows if s is not None}
+        return {
+            "records": by,
+            "avg_size": sizes,
+            "delivered": by.get("message/delivered", 0),
+        }
+
+
+# --------------------------------------------------------------------------- profiles
+
+
+def _short(path: str) -> str:
+    if path.endswith("launch_mailward.py"):
+        return "launch_mailward.py"
+    for marker in ("site-packages/", f"{REPO}/"):
+        if marker in path:
+            return path.split(marker, 1)[1]
+    if "/lib/python3" in path:
+        return "stdlib/" + path.split("/lib/python3", 1)[1].split("/", 1)[-1]
+    return path
+
+
+def _bucket(path: str) -> str:
+    """Which software a frame's file belongs to: gateway, a library, asyncio, other stdlib."""
+    short = _short(path)
+    if short.startswith("gateway/"):
+        return "gateway (ours)"
+    if short.startswith("stdlib/"):
+        rest = short[len("stdlib/") :]
+        return "stdlib: asyncio" if rest.startswith("asyncio/") else "stdlib: other"
+    if "site-packages/" in path:
+        return short.split("/", 1)[0].removesuffix(".py")
+    return "other"
+
+
+class PySpy:
+    """``py-spy record`` attached to a running process; stopped with SIGINT, which writes the
+    profile. Only what happens between start and stop is sampled (no start-up, no warm-up)."""
+
+    def __init__(self, pid: int, out: Path, rate: int = 200) -> None:
+        self.out = out
+        self.log = out.with_suffix(".log")
+        self.cmd = [
+            pyspy_path() or "py-spy", "record", "--pid", str(pid), "--rate", str(rate),
+            "--format", "raw", "--full-filenames", "--output", str(out),
+        ]  # fmt: skip
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        with self.log.open("wb") as log:
+            self.proc = subprocess.Popen(self.cmd, stdout=log, stderr=subprocess.STDOUT)
+        # It prints "Sampling process ..." once attached.
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            if b"Sampling process" in self.log.read_bytes():
+                return
+            if self.proc.poll() is not None:
+                break
+            time.sleep(0.05)
+        raise RuntimeError(f"py-spy did not attach: {tail(self.log, 800)}")
+
+    def stop(self) -> str:
+        if self.proc is None:
+            return "not started"
+        return stop_process(self.proc, signal.SIGINT, grace=60)
+
+
+def summarize_pyspy(path: Path, top: int) -> dict[str, Any]:
+    """Top functions by inclusive ('cumulative') and self samples, self samples per package, and
+    the gateway's own functions by inclusive samples (what our code costs, callees included)."""
+    inclusive: Counter[str] = Counter()
+    own: Counter[str] = Counter()
+    buckets: Counter[str] = Counter()
+    ours: Counter[str] = Counter()
+    total = 0
+    for line in path.read_text(errors="replace").splitlines():
+        stack, _, n = line.rpartition(" ")
+        if not stack or not n.isdigit():
+            continue
+        count = int(n)
+        total += count
+        frames = []
+        for frame in stack.split(";"):
+            func, _, loc = frame.partition(" (")
+            file = loc.rstrip(")").rsplit(":", 1)[0] if loc else ""
+            frames.append((f"{func} ({_short(file)})", file))
+        for name in {name for name, _ in frames}:
+            inclusive[name] += count
+        for name in {name for name, file in frames if _bucket(file) == "gateway (ours)"}:
+            ours[name] += count
+        leaf, leaf_file = frames[-1]
+        own[leaf] += count
+        buckets[_bucket(leaf_file)] += count
+
+    def pct(n: int) -> float:
+        return round(100.0 * n / total, 1) if total else 0.0
+
+    def listing(counter: Counter[str]) -> list[dict[str, Any]]:
+        return [
+            {"function": f, "samples": n, "percent": pct(n)} for f, n in counter.most_common(top)
+        ]
+
+    return {
+        "profiler": "py-spy record (sampling, 200 Hz, all threads, idle excluded), attached "
+        "after the warm-up, for the timed load only",
+        "samples": total,
+        "self_by_package": {b: pct(n) for b, n in buckets.most_common()},
+        "top_self": listing(own),
+        "top_cumulative": listing(inclusive),
+        "top_gateway_cumulative": listing(ours),
+    }
+
+
+def summarize_cprofile(path: Path, top: int) -> dict[str, Any]:
+    import pstats
+
+    stats = pstats.Stats(str(path))
+    entries = stats.stats  # type: ignore[attr-defined]
+    total = sum(tt for (_, _, tt, _, _) in entries.values()) or 1.0
+    rows = []
+    buckets: Counter[str] = Counter()
+    for (file, line, func), (_cc, nc, tt, ct, _) in entries.items():
+        name = f"{func} ({_short(file)}:{line})"
+        rows.append((name, nc, tt, ct))
+        buckets[_bucket(file)] += tt
+
+    def fmt(r: tuple[str, int, float, float]) -> dict[str, Any]:
+        return {
+            "function": r[0],
+            "calls": r[1],
+            "tottime": round(r[2], 3),
+            "cumtime": round(r[3], 3),
+        }
+
+    return {
+        "profiler": "cProfile (deterministic, main thread only, whole process life: start-up "
+        "and warm-up included)",
+        "total_tottime": round(total, 3),
+        "top_cumulative": [fmt(r) for r in sorted(rows, key=lambda r: -r[3])[:top]],
+        "top_self": [fmt(r) for r in sorted(rows, key=lambda r: -r[2])[:top]],
+        "self_by_package": {
+            b: round(100.0 * t / total, 1) for b, t in buckets.most_common() if t > 0
+        },
+    }
+
+
+# --------------------------------------------------------------------------- the run
+
+
+@dataclass
+class Cell:
+    size_label: str
+    size: int
+    sessions: int
+    count: int
+    connection: str  # "new" (one message per connection) or "reuse" (smtp-source -d)
+    baseline: list[SourceRun] = field(default_factory=list)
+    gateway: list[SourceRun] = field(default_factory=list)
+    warmup: int = 0
+    audit: dict[str, Any] = field(default_factory=dict)
+    gateway_stop: str = ""
+    error: str = ""
+    profile: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return f"{self.size_label} x{self.sessions} {self.connection}"
+
+    def median(self, runs: list[SourceRun]) -> float | None:
+        good = [r.msgs_per_sec for r in runs if r.ok]
+        return round(statistics.median(good), 1) if good else None
+
+    def summary(self) -> dict[str, Any]:
+        base, gw = self.median(self.baseline), self.median(self.gateway)
+        cpu = [
+            r.gateway_cpu_seconds / r.count
+            for r in self.gateway
+            if r.ok and r.gateway_cpu_seconds is not None
+        ]
+        busy = [
+            r.gateway_cpu_seconds / r.seconds
+            for r in self.gateway
+            if r.ok and r.gateway_cpu_seconds is not None
+        ]
+        expected = self.warmup + sum(r.count for r in self.gateway)
+        return {
+            "baseline_msgs_per_sec": base,
+            "gateway_msgs_per_sec": gw,
+            "ratio": round(gw / base, 4) if base and gw else None,
+            "gateway_cpu_ms_per_msg": round(1000 * statistics.median(cpu), 3) if cpu else None,
+            "gateway_cpu_percent": round(100 * statistics.median(busy), 1) if busy else None,
+            "audit_expected_delivered": expected,
+            "audit_ok": self.audit.get("delivered") == expected,
+        }
+
+
+def build_cells(args: argparse.Namespace) -> list[Cell]:
+    counts = QUICK_COUNTS if args.quick else FULL_COUNTS
+    connections = ["new", "reuse"] if args.connection == "both" else [args.connection]
+    cells = []
+    for connection in connections:
+        for label in args.sizes:
+            for sessions in args.sessions:
+                n = counts.get((label, sessions)) or counts[(label, 20 if sessions > 1 else 1)]
+                n = max(sessions, int(n * args.scale))
+                cells.append(Cell(label, SIZES[label], sessions, n, connection))
+    return cells
+
+
+def run_cell(cell: Cell, sink: Sink, workdir: Path, repeat: int, entry: str) -> None:
+    reuse = cell.connection == "reuse"
+    gw = Gateway(workdir, sink.port, entry)
+    try:
+        gw.start()
+    except RuntimeError as exc:
+        cell.error = str(exc)
+        return
+    try:
+        cell.warmup = min(cell.count, max(50, 5 * cell.sessions))
+        warm = run_source(sink, gw.port, cell.size, cell.sessions, cell.warmup, reuse)
+        if not warm.ok:
+            cell.error = f"warm-up through the gateway failed: {warm.error}"
+            return
+        for _ in range(repeat):
+            cell.baseline.append(
+                run_source(sink, sink.port, cell.size, cell.sessions, cell.count, reuse)
+            )
+            cell.gateway.append(
+                run_source(sink, gw.port, cell.size, cell.sessions, cell.count, reuse, gw.pid)
+            )
+    finally:
+        cell.gateway_stop = gw.stop()
+        cell.audit = gw.audit_summary()
+        if "KILLED" in cell.gateway_stop or not cell.gateway_stop.startswith("exited (0"):
+            cell.audit["gateway_log_tail"] = tail(gw.log, 1500)
+
+
+def profile_cell(
+    cell: Cell, sink: Sink, workdir: Path, entry: str, profiler: str, top: int
+) -> None:
+    """One more gateway run of the cell's load, profiled; the summary goes to ``cell.profile``."""
+    reuse = cell.connection == "reuse"
+    gw = Gateway(workdir, sink.port, entry, cprofile=profiler == "cprofile")
+    try:
+        gw.start()
+    except RuntimeError as exc:
+        cell.profile = {"error": str(exc)}
+        return
+    run: SourceRun | None = None
+    raw = gw.dir / "profile.txt"
+    try:
+        warm = min(cell.count, max(50, 5 * cell.sessions))
+        run_source(sink, gw.port, cell.size, cell.sessions, warm, reuse)
+        spy = PySpy(gw.pid, raw) if profiler == "py-spy" else None
+        if spy is not None:
+            spy.start()
+        try:
+            run = run_source(sink, gw.port, cell.size, cell.sessions, cell.count, reuse, gw.pid)
+        finally:
+            if spy is not None:
+                spy.stop()
+    except RuntimeError as exc:
+        cell.profile = {"error": str(exc)}
+        return
+    finally:
+        stopped = gw.stop()
+    out = raw if profiler == "py-spy" else gw.profile_out
+    if not out.exists():
+        cell.profile = {"error": f"no profile written (gateway {stopped})\n{tail(gw.log)}"}
+        return
+    summary = summarize_pyspy(out, top) if profiler == "py-spy" else summarize_cprofile(out, top)
+    kept = RESULTS_DIR / f"profile-{cell.size_label}-x{cell.sessions}-{cell.connection}"
+    kept = kept.with_suffix(out.suffix)
+    shutil.copyfile(out, kept)
+    summary["raw_file"] = str(kept.relative_to(REPO))
+    summary["profiled_run"] = asdict(run) if run else None
+    cell.profile = summary
+
+
+def print_table(cells: list[Cell]) -> None:
+    head = (
+        f"{'cell':<18} {'msgs':>6}  {'baseline/s':>10}  {'gateway/s':>9}  {'ratio':>6}  "
+        f"{'gw CPU ms/msg':>13}  {'gw CPU%':>7}  audit"
+    )
+    print(head)
+    print("-" * len(head))
+    for cell in cells:
+        if cell.error:
+            print(f"{cell.name:<18} ERROR: {cell.error.splitlines()[0]}")
+            continue
+        s = cell.summary()
+
+        def f(v: Any, spec: str) -> str:
+            return format(v, spec) if v is not None else format("-", ">" + spec.split(".")[0])
+
+        audit = (
+            "-"
+            if not cell.gateway
+            else "ok"
+            if s["audit_ok"]
+            else f"{cell.audit.get('delivered', cell.audit.get('error'))}"
+            f" of {s['audit_expected_delivered']}"
+        )
+        print(
+            f"{cell.name:<18} {cell.count:>6}  {f(s['baseline_msgs_per_sec'], '10.1f')}  "
+            f"{f(s['gateway_msgs_per_sec'], '9.1f')}  {f(s['ratio'], '6.3f')}  "
+            f"{f(s['gateway_cpu_ms_per_msg'], '13.2f')}  {f(s['gateway_cpu_percent'], '7.1f')}  "
+            f"{audit}"
+        )
+        for kind, runs in (("baseline", cell.baseline), ("gateway", cell.gateway)):
+            for r in runs:
+                if not r.ok:
+                    print(f"    {kind} run failed: {r.error.splitlines()[-1] if r.error else ''}")
+
+
+def print_profile(cell: Cell, top: int) -> None:
+    p = cell.profile
+    print(f"\nProfile of the gateway, {cell.name} ({p.get('profiler', '')}):")
+    if "error" in p:
+        print(f"  ERROR: {p['error']}")
+        return
+    run = p.get("profiled_run") or {}
+    print(f"  profiled run: {run.get('msgs_per_sec')} msgs/s (slowed by the profiler)")
+    print(
+        "  self time by package: " + ", ".join(f"{b} {v}%" for b, v in p["self_by_package"].items())
+    )
+    for key in ("top_self", "top_cumulative", "top_gateway_cumulative"):
+        if key not in p:
+            continue
+        print(f"  {key}:")
+        for e in p[key][:top]:
+            amount = f"{e['percent']:5.1f}%" if "percent" in e else f"{e['cumtime']:8.3f}s"
+            print(f"    {amount}  {e['function']}")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
+    p.add_argument("--quick", action="store_true", help="smoke run: small counts, 1 repetition")
+    p.add_argument(
+        "--repeat", type=int, help="timed runs per cell (median kept; default 3, quick 1)"
+    )
+    p.add_argument("--scale", type=float, default=1.0, help="multiply every message count")
+    p.add_argument(
+        "--connection",
+        choices=["new", "reuse", "both"],
+        help="new: one message per connection (smtp-source default); reuse: smtp-source -d; "
+        "default: both (quick: new)",
+    )
+    p.add_argument("--sizes", default="2KB,100KB", help="comma list of 2KB,100KB")
+    p.add_argument("--sessions", default="1,20", help="comma list of concurrent sessions")
+    p.add_argument(
+        "--entry",
+        choices=["cli", "app"],
+        default="cli",
+        help="cli: `mailward --config FILE serve` (default); app: GatewayApp without the CLI",
+    )
+    p.add_argument("--baseline-only", action="store_true", help="skip the gateway (harness check)")
+    p.add_argument("--profile", action="store_true", help="one extra profiled gateway run per cell")
+    p.add_argument("--profiler", choices=["py-spy", "cprofile"], default=None)
+    p.add_argument("--top", type=int, default=25, help="functions listed per profile")
+    p.add_argument(
+        "--output", type=Path, help="JSON results file (default bench/results/<ts>.json)"
+    )
+    args = p.parse_args(argv)
+    args.sizes = [s.strip() for s in args.sizes.split(",") if s.strip()]
+    for s in args.sizes:
+        if s not in SIZES:
+            p.error(f"unknown size {s!r} (use {', '.join(SIZES)})")
+    args.sessions = [int(s) for s in args.sessions.split(",") if s.strip()]
+    args.repeat = args.repeat or (1 if args.quick else 3)
+    args.connection = args.connection or ("new" if args.quick else "both")
+    if args.profile and args.profiler is None:
+        args.profiler = "py-spy" if pyspy_path() else "cprofile"
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    for tool in (SMTP_SOURCE, SMTP_SINK):
+        if not os.access(tool, os.X_OK):
+            print(f"bench: {tool} not found: apt-get install postfix (see bench/README.md)")
+            return 2
+    if postfix_master_running():
+        print("bench: warning: a Postfix master daemon is running; stop it (postfix stop)")
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    started = dt.datetime.now(dt.UTC)
+    out = args.output or RESULTS_DIR / f"{started:%Y%m%dT%H%M%SZ}.json"
+    cells = build_cells(args)
+    code = code_version()
+    with tempfile.TemporaryDirectory(prefix="mailward-bench-") as tmp:
+        workdir = Path(tmp)
+        sink = Sink(workdir)
+        example = source_cmd(sink.port, SIZES["2KB"], 20, 10_000, False)
+        sample_config = gateway_toml(Path("<tmp>/state"), 0, sink.port)
+        sink.start()
+        try:
+            for cell in cells:
+                print(f"... {cell.name}: {cell.count} messages x {args.repeat}", flush=True)
+                if args.baseline_only:
+                    for _ in range(args.repeat):
+                        cell.baseline.append(
+                            run_source(
+                                sink,
+                                sink.port,
+                                cell.size,
+                                cell.sessions,
+                                cell.count,
+                                cell.connection == "reuse",
+                            )
+                        )
+                else:
+                    run_cell(cell, sink, workdir, args.repeat, args.entry)
+            if args.profile and not args.baseline_only:
+                for cell in cells:
+                    if not cell.error:
+                        print(f"... profiling {cell.name} with {args.profiler}", flush=True)
+                        profile_cell(cell, sink, workdir, args.entry, args.profiler, args.top)
+        finally:
+            sink.stop()
+    print()
+    print_table(cells)
+    goal_cells = [c for c in cells if c.size_label == "2KB" and c.sessions == 20 and not c.error]
+    goal = {
+        c.connection: {
+            "gateway_msgs_per_sec": c.summary()["gateway_msgs_per_sec"],
+            "goal": GOAL_MSGS_PER_SEC,
+            "met": (c.summary()["gateway_msgs_per_sec"] or 0) >= GOAL_MSGS_PER_SEC
+            and c.summary()["audit_ok"],
+        }
+        for c in goal_cells
+    }
+    if goal and not args.baseline_only:
+        print(
+            f"\nGoal (2KB, 20 sessions, audit written, >= {GOAL_MSGS_PER_SEC:.0f} msgs/s): {goal}"
+        )
+    for cell in cells:
+        if cell.profile:
+            print_profile(cell, min(args.top, 15))
+    result = {
+        "started": started.isoformat(timespec="seconds"),
+        "argv": sys.argv,
+        "machine": machine_info(),
+        "code": code,
+        "commands": {
+            "sink": [SMTP_SINK, "-c", "-u", SINK_USER, f"{HOST}:<port>", "1024"],
+            "source_example": example,
+            "gateway": [sys.executable, "<tmp>/launch_mailward.py", "--config", "<tmp>", "serve"],
+            "gateway_entry": args.entry,
+            "gateway_launcher": LAUNCHERS[args.entry],
+        },
+        "gateway_config": sample_config,
+        "repeat": args.repeat,
+        "goal": goal,
+        "cells": [
+            {
+                "cell": c.name,
+                "size": c.size,
+                "sessions": c.sessions,
+                "connection": c.connection,
+                "count": c.count,
+                "warmup": c.warmup,
+                **c.summary(),
+                "baseline_runs": [asdict(r) for r in c.baseline],
+                "gateway_runs": [asdict(r) for r in c.gateway],
+                "audit": c.audit,
+                "gateway_stop": c.gateway_stop,
+                "error": c.error,
+                "profile": c.profile,
+            }
+            for c in cells
+        ],
+    }
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"\nresults: {out}")
+    failed = any(c.error for c in cells) or any(
+        not r.ok for c in cells for r in (*c.baseline, *c.gateway)
+    )
+    if not args.baseline_only:
+        failed = failed or any(not c.summary()["audit_ok"] for c in cells)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

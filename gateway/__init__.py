@@ -1,0 +1,1 @@
+"""Mailward: an outbound mail gateway (authenticated submission, policy, relay, audit)."""

@@ -1,0 +1,207 @@
+"""Composition root: the one place that builds and wires Mailward's parts.
+
+What it does: from a validated Config, builds the database engine and stores, the relay, the
+pipeline and the Gateway service, then the SMTP listeners; owns their start and orderly shutdown.
+The CLI calls only what is here (and the stores' admin methods it returns).
+
+Reads: the Config; through the parts it builds, the database, TLS files and the network.
+
+Security notes: secrets (relay password) are resolved here, once, and handed to the part that needs
+them; nothing here logs them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import logging
+import signal
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+
+from gateway.audit.store import SqlAuditStore
+from gateway.auth.store import SqlAccountStore
+from gateway.checks import SPECS
+from gateway.config import Config, resolve_secret
+from gateway.core.errors import GatewayError
+from gateway.db.engine import create_engine
+from gateway.db.migrate import upgrade
+from gateway.pipeline.registry import build_pipeline
+from gateway.pipeline.runner import Pipeline
+from gateway.relay.upstream import UpstreamRelay
+from gateway.service import Gateway, GatewaySettings
+from gateway.smtp.server import ListenerSettings, ServerContext, SmtpHandler, protocol_factory
+from gateway.smtp.tls import ensure_self_signed, server_context
+
+log = logging.getLogger("mailward.app")
+
+
+@dataclass
+class _PipelineDeps:
+    config: Config
+
+
+def make_pipeline(config: Config, source: str = "configuration") -> Pipeline:
+    return build_pipeline(config, SPECS, _PipelineDeps(config), source)
+
+
+def validate_pipeline(config: Config, source: str) -> None:
+    """Build the pipeline once to validate check ids, stages and options (raises ConfigError)."""
+    make_pipeline(config, source)
+
+
+@dataclass
+class Stores:
+    engine: object
+    accounts: SqlAccountStore
+    audit: SqlAuditStore
+
+    async def close(self) -> None:
+        await self.audit.close()
+        await self.engine.dispose()  # type: ignore[attr-defined]
+
+
+async def open_stores(config: Config, *, migrate: bool | None = None) -> Stores:
+    """Engine + account store + audit store (its group-commit writer started)."""
+    if migrate if migrate is not None else config.database.auto_migrate:
+        await upgrade(config.database_url)
+    engine = create_engine(config)
+    accounts = SqlAccountStore(engine, timeout=config.database.timeout)
+    audit = SqlAuditStore(
+        engine, batch_size=config.audit.batch_size, timeout=config.database.timeout
+    )
+    await audit.start()
+    return Stores(engine, accounts, audit)
+
+
+def gateway_hostname(config: Config) -> str:
+    return config.smtp.hostname or socket.getfqdn()
+
+
+class GatewayApp:
+    """The running gateway: stores, relay, pipeline, service and listeners, started and stopped
+    together. ``ports`` maps listener names to bound ports (useful with port 0)."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.hostname = gateway_hostname(config)
+        self.ports: dict[str, int] = {}
+        self.stores: Stores | None = None
+        self.relay: UpstreamRelay | None = None
+        self.context: ServerContext | None = None
+        self._servers: list[asyncio.Server] = []
+
+    async def start(self) -> None:
+        config = self.config
+        pipeline = make_pipeline(config)
+        password = resolve_secret(config.relay.password, "relay.password")
+        cert, key = self._tls_files()
+        tls = server_context(cert, key, config.tls.min_version)
+        self.stores = await open_stores(config)
+        self.relay = UpstreamRelay(
+            config.relay, helo_name=config.relay.helo_name or self.hostname, password=password
+        )
+        settings = GatewaySettings(
+            hostname=self.hostname,
+            trusted_networks=tuple(
+                ipaddress.ip_network(n, strict=False) for n in config.smtp.trusted_networks
+            ),
+            max_connections=config.smtp.max_connections,
+            max_connections_per_ip=config.smtp.max_connections_per_ip,
+            bare_newline=config.smtp.bare_newline,
+            verify_recipients=config.relay.verify_recipients,
+            add_received_header=config.relay.add_received_header,
+        )
+        gateway = Gateway(
+            settings,
+            pipeline=pipeline,
+            accounts=self.stores.accounts,
+            audit=self.stores.audit,
+            relay=self.relay,
+        )
+        self.context = ServerContext(gateway)
+        handler = SmtpHandler(self.context)
+        loop = asyncio.get_running_loop()
+        try:
+            for listener in config.smtp.listeners:
+                ls = ListenerSettings(
+                    name=listener.name,
+                    implicit_tls=listener.tls == "implicit",
+                    starttls_context=tls if listener.tls == "starttls" else None,
+                    hostname=self.hostname,
+                    max_message_size=config.smtp.max_message_size,
+                    max_line_length=config.smtp.max_line_length,
+                    max_command_length=config.smtp.max_command_length,
+                    idle_timeout=config.smtp.idle_timeout,
+                    data_timeout=config.smtp.data_timeout,
+                    max_bad_commands=config.smtp.max_bad_commands,
+                    smtputf8=config.smtp.smtputf8,
+                )
+                server = await loop.create_server(
+                    protocol_factory(handler, ls),
+                    host=listener.address,
+                    port=listener.port,
+                    ssl=tls if listener.tls == "implicit" else None,
+                    reuse_address=True,
+                )
+                self._servers.append(server)
+                self.ports[listener.name] = server.sockets[0].getsockname()[1]
+                log.info(
+                    "listening: %s on %s port %d (%s)",
+                    listener.name,
+                    listener.address,
+                    self.ports[listener.name],
+                    listener.tls,
+                )
+        except OSError as exc:
+            await self.stop()
+            raise GatewayError(f"cannot listen: {exc}") from None
+
+    def _tls_files(self) -> tuple[Path, Path]:
+        tls = self.config.tls
+        if tls.cert_file:
+            return Path(tls.cert_file), Path(tls.key_file)
+        return ensure_self_signed(Path(self.config.state_dir) / "tls", self.hostname)
+
+    async def stop(self, grace: float = 10.0) -> None:
+        """Stop listening, let sessions finish for up to ``grace`` seconds, then close all."""
+        for server in self._servers:
+            server.close()
+        ctx = self.context
+        if ctx is not None:
+            ctx.closing = True
+            if ctx.connections:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(ctx.drained.wait(), grace)
+            for conn in list(ctx.connections):
+                if conn.mw is not None:
+                    conn.mw.end_reason = "shutdown"
+                if conn.transport is not None:
+                    conn.transport.close()
+            await asyncio.sleep(0)
+            if ctx.tasks:
+                await asyncio.wait(list(ctx.tasks), timeout=grace)
+        for server in self._servers:
+            await server.wait_closed()
+        self._servers.clear()
+        if self.relay is not None:
+            await self.relay.close()
+            self.relay = None
+        if self.stores is not None:
+            await self.stores.close()
+            self.stores = None
+
+    async def serve_forever(self) -> None:
+        """Run until SIGTERM/SIGINT, then stop gracefully."""
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await self.start()
+        try:
+            await stop.wait()
+        finally:
+            log.info("shutting down")
+            await self.stop()

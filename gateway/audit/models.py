@@ -1,0 +1,97 @@
+"""Audit tables: one record per message or session event, with its recipients and verdicts.
+
+What it does: declares ``audit_record`` (what happened, to whom it was told, when, by which session
+and login), ``audit_recipient`` (each RCPT with its final status and reply, in order) and
+``audit_verdict`` (each non-continue check verdict, applied or "would have", with its evidence).
+The schema is created by the Alembic revision ``0001``.
+
+Design for what comes later: the integer ``id`` grows monotonically, so listing is keyset-paginated
+on it (newest first) and a hash chain can later be added as extra columns computed over finished
+records (``ended_at`` set) in ``id`` order, without changing what is here. Searches by login,
+sender and recipient are case-insensitive and use expression indexes on ``lower(...)``.
+
+Reads: nothing.
+
+Security notes: no message content is stored anywhere — only its size, SHA-256 and Message-ID.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from sqlalchemy import BigInteger, Boolean, ForeignKey, Index, Integer, String, Text, func
+from sqlalchemy.orm import Mapped, mapped_column
+
+from gateway.db.base import Base, BigIntId, UtcDateTime
+
+#: Record kinds: a message transaction or a session-level event.
+KINDS = ("message", "auth-failure", "auth-tempfail", "dropped", "refused", "timeout")
+SESSION_EVENT_KINDS = KINDS[1:]
+#: Outcomes of message records ("relaying" until finish_message completes the record).
+OUTCOMES = ("relaying", "delivered", "rejected", "deferred", "failed", "aborted", "dropped")
+
+
+class AuditRecordRow(Base):
+    __tablename__ = "audit_record"
+
+    id: Mapped[int] = mapped_column(BigIntId, primary_key=True, autoincrement=True)
+    kind: Mapped[str] = mapped_column(String(16))
+    outcome: Mapped[str | None] = mapped_column(String(16))
+    started_at: Mapped[datetime] = mapped_column(UtcDateTime, index=True)
+    ended_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
+    session_id: Mapped[str] = mapped_column(String(64), index=True)
+    transaction_id: Mapped[str | None] = mapped_column(String(80))
+    listener: Mapped[str | None] = mapped_column(Text)
+    client_ip: Mapped[str | None] = mapped_column(String(64))
+    client_port: Mapped[int | None] = mapped_column(Integer)
+    tls_version: Mapped[str | None] = mapped_column(Text)
+    tls_cipher: Mapped[str | None] = mapped_column(Text)
+    helo: Mapped[str | None] = mapped_column(Text)
+    login: Mapped[str | None] = mapped_column(Text)
+    mail_from: Mapped[str | None] = mapped_column(Text)
+    message_id: Mapped[str | None] = mapped_column(Text)
+    size: Mapped[int | None] = mapped_column(BigInteger)
+    sha256: Mapped[str | None] = mapped_column(String(64))
+    final_reply: Mapped[str | None] = mapped_column(Text)
+    upstream_reply: Mapped[str | None] = mapped_column(Text)
+    queue_id: Mapped[str | None] = mapped_column(Text)
+    detail: Mapped[str | None] = mapped_column(Text)
+    incident: Mapped[str | None] = mapped_column(String(64))
+
+    __table_args__ = (
+        Index("ix_audit_record_lower_login", func.lower(login)),
+        Index("ix_audit_record_lower_mail_from", func.lower(mail_from)),
+    )
+
+
+class AuditRecipientRow(Base):
+    __tablename__ = "audit_recipient"
+
+    record_id: Mapped[int] = mapped_column(
+        BigIntId, ForeignKey("audit_record.id", ondelete="CASCADE"), primary_key=True
+    )
+    position: Mapped[int] = mapped_column(Integer, primary_key=True)
+    address: Mapped[str] = mapped_column(Text)
+    status: Mapped[str] = mapped_column(String(16))
+    reply: Mapped[str] = mapped_column(Text)
+
+    __table_args__ = (Index("ix_audit_recipient_lower_address", func.lower(address)),)
+
+
+class AuditVerdictRow(Base):
+    __tablename__ = "audit_verdict"
+
+    record_id: Mapped[int] = mapped_column(
+        BigIntId, ForeignKey("audit_record.id", ondelete="CASCADE"), primary_key=True
+    )
+    position: Mapped[int] = mapped_column(Integer, primary_key=True)
+    check_id: Mapped[str] = mapped_column(String(64), index=True)
+    stage: Mapped[str] = mapped_column(String(16))
+    action: Mapped[str] = mapped_column(String(16))
+    mode: Mapped[str] = mapped_column(String(16))
+    applied: Mapped[bool] = mapped_column(Boolean)
+    recipient: Mapped[str | None] = mapped_column(Text)
+    reply: Mapped[str] = mapped_column(Text)
+    reason: Mapped[str] = mapped_column(Text)
+    measured: Mapped[str | None] = mapped_column(Text)
+    limit: Mapped[str | None] = mapped_column(Text)

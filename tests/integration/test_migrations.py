@@ -1,0 +1,159 @@
+"""Alembic migrations up, down and up again on every backend; engine settings on SQLite."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+from typing import Any
+
+import pytest
+from alembic.autogenerate import compare_metadata
+from alembic.runtime.migration import MigrationContext
+from sqlalchemy import Connection, inspect, text
+
+import gateway.audit.models
+import gateway.auth.models  # noqa: F401  (registers the tables)
+from gateway.config import Config
+from gateway.core.errors import StoreUnavailable
+from gateway.db.base import Base
+from gateway.db.engine import create_engine, engine_for_url
+from gateway.db.migrate import MigrationError, current, downgrade, head_revision, upgrade
+from tests.fixtures.db import make_db_config, unreachable_url
+
+REPO = Path(__file__).resolve().parents[2]
+TABLES = {
+    "account",
+    "account_address",
+    "send_as_grant",
+    "audit_record",
+    "audit_recipient",
+    "audit_verdict",
+}
+
+
+async def _tables(url: str) -> set[str]:
+    engine = engine_for_url(url, pooled=False)
+    try:
+        async with engine.connect() as conn:
+            names: list[str] = await conn.run_sync(lambda c: inspect(c).get_table_names())
+    finally:
+        await engine.dispose()
+    return set(names) - {"alembic_version"}
+
+
+async def test_upgrade_downgrade_upgrade(empty_db_url: str) -> None:
+    assert await current(empty_db_url) is None
+    assert await _tables(empty_db_url) == set()
+
+    await upgrade(empty_db_url)
+    assert await current(empty_db_url) == head_revision() == "0001"
+    assert await _tables(empty_db_url) == TABLES
+
+    await downgrade(empty_db_url, "base")
+    assert await current(empty_db_url) is None
+    assert await _tables(empty_db_url) == set()
+
+    await upgrade(empty_db_url, "0001")
+    assert await current(empty_db_url) == "0001"
+    assert await _tables(empty_db_url) == TABLES
+    await upgrade(empty_db_url)  # already at head: nothing to do, no error
+    assert await current(empty_db_url) == "0001"
+
+
+async def test_models_match_the_migrated_schema(db_url: str) -> None:
+    """The ORM description and revision 0001 agree (autogenerate finds nothing to change)."""
+    engine = engine_for_url(db_url, pooled=False)
+
+    def diff(conn: Connection) -> list[Any]:
+        context = MigrationContext.configure(conn, opts={"compare_type": True})
+        return list(compare_metadata(context, Base.metadata))
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # SQLite cannot reflect expression indexes
+            async with engine.connect() as conn:
+                differences = await conn.run_sync(diff)
+    finally:
+        await engine.dispose()
+    assert differences == []
+
+
+async def test_expression_indexes_exist(db_url: str, db_backend: str) -> None:
+    engine = engine_for_url(db_url, pooled=False)
+    query = (
+        "SELECT name FROM sqlite_master WHERE type = 'index'"
+        if db_backend == "sqlite"
+        else "SELECT indexname FROM pg_indexes WHERE schemaname = current_schema()"
+    )
+    try:
+        async with engine.connect() as conn:
+            names = set((await conn.execute(text(query))).scalars())
+    finally:
+        await engine.dispose()
+    assert {
+        "ix_audit_record_started_at",
+        "ix_audit_record_lower_login",
+        "ix_audit_record_lower_mail_from",
+        "ix_audit_recipient_lower_address",
+        "ix_audit_verdict_check_id",
+    } <= names
+
+
+async def test_unknown_revision_is_a_migration_error(db_url: str) -> None:
+    with pytest.raises(MigrationError, match="nope"):
+        await upgrade(db_url, "nope")
+    assert await current(db_url) == "0001"
+
+
+async def test_unreachable_database_is_store_unavailable(db_backend: str, tmp_path: Path) -> None:
+    url = unreachable_url(db_backend, tmp_path)
+    with pytest.raises(StoreUnavailable) as info:
+        await upgrade(url)
+    assert "secret-pw" not in str(info.value)
+    with pytest.raises(StoreUnavailable):
+        await current(url)
+
+
+async def test_sqlite_engine_settings(tmp_path: Path) -> None:
+    """WAL, the configured synchronous level, busy_timeout, foreign keys; the directory is made."""
+    url = f"sqlite+aiosqlite:///{tmp_path / 'deep' / 'dir' / 'm.db'}"
+    for synchronous, expected in (("normal", 1), ("full", 2)):
+        config: Config = make_db_config(url, tmp_path, sqlite_synchronous=synchronous, timeout=3.0)
+        engine = create_engine(config)
+        try:
+            async with engine.connect() as conn:
+                mode = (await conn.execute(text("PRAGMA journal_mode"))).scalar()
+                sync = (await conn.execute(text("PRAGMA synchronous"))).scalar()
+                busy = (await conn.execute(text("PRAGMA busy_timeout"))).scalar()
+                fks = (await conn.execute(text("PRAGMA foreign_keys"))).scalar()
+        finally:
+            await engine.dispose()
+        assert (mode, sync, busy, fks) == ("wal", expected, 3000, 1)
+    assert (tmp_path / "deep" / "dir" / "m.db").exists()
+
+
+def test_migrations_run_from_any_directory(tmp_path: Path) -> None:
+    """No alembic.ini and no dependence on the working directory: the scripts are found through
+    gateway.config.shipped_dir (checkout here, gateway/_shipped in a wheel)."""
+    url = f"sqlite+aiosqlite:///{tmp_path / 'm.db'}"
+    code = (
+        "import asyncio, sys\n"
+        "from gateway.db.migrate import upgrade, current\n"
+        "asyncio.run(upgrade(sys.argv[1]))\n"
+        "print(asyncio.run(current(sys.argv[1])))\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    result = subprocess.run(
+        [sys.executable, "-c", code, url],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "0001"
