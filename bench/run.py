@@ -33,8 +33,10 @@ import argparse
 import contextlib
 import datetime as dt
 import json
+import linecache
 import os
 import platform
+import re
 import shutil
 import signal
 import socket
@@ -58,6 +60,7 @@ HELO_NAME = "bench.local"
 SENDER = "bench@bench.local"
 RECIPIENT = "sink@example.test"
 SINK_USER = "nobody"
+PYSPY_RATE = 200  # samples per second and thread
 GOAL_MSGS_PER_SEC = 500.0  # at 20 sessions, ~2 KB messages, audit written
 
 SIZES = {"2KB": 2048, "100KB": 102_400}
@@ -453,12 +456,12 @@ class PySpy:
     """``py-spy record`` attached to a running process; stopped with SIGINT, which writes the
     profile. Only what happens between start and stop is sampled (no start-up, no warm-up)."""
 
-    def __init__(self, pid: int, out: Path, rate: int = 200) -> None:
+    def __init__(self, pid: int, out: Path, rate: int = PYSPY_RATE) -> None:
         self.out = out
         self.log = out.with_suffix(".log")
         self.cmd = [
             pyspy_path() or "py-spy", "record", "--pid", str(pid), "--rate", str(rate),
-            "--format", "raw", "--full-filenames", "--output", str(out),
+            "--format", "raw", "--threads", "--full-filenames", "--output", str(out),
         ]  # fmt: skip
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -481,45 +484,84 @@ class PySpy:
         return stop_process(self.proc, signal.SIGINT, grace=60)
 
 
-def summarize_pyspy(path: Path, top: int) -> dict[str, Any]:
-    """Top functions by inclusive ('cumulative') and self samples, self samples per package, and
-    the gateway's own functions by inclusive samples (what our code costs, callees included)."""
+_WAIT_LINE = re.compile(r"\.get\(|\.wait\(|\.acquire\(")
+
+
+def _waiting(func: str, file: str, line: int) -> str | None:
+    """Whether a leaf frame is a thread waiting rather than working: py-spy's own idle detection
+    does not catch these here. The event loop blocked in epoll, or a worker thread blocked on its
+    queue (the aiosqlite thread at ``tx.get()``; that line also absorbs the time the thread waits to
+    get the GIL back after being woken)."""
+    if file.endswith("selectors.py") and func.endswith("select"):
+        return "waiting: event loop in epoll"
+    if _bucket(file) != "gateway (ours)" and _WAIT_LINE.search(linecache.getline(file, line)):
+        return "waiting: worker thread on its queue/lock (or for the GIL)"
+    return None
+
+
+def summarize_pyspy(path: Path, top: int, seconds: float, rate: int) -> dict[str, Any]:
+    """From py-spy's raw collapsed stacks (``--threads``): samples per thread, how many were
+    waiting, and over the working samples only: self samples per package, the top functions by
+    self and by inclusive ('cumulative') samples, and the gateway's own functions by inclusive
+    samples (what our code costs, callees included)."""
     inclusive: Counter[str] = Counter()
     own: Counter[str] = Counter()
     buckets: Counter[str] = Counter()
     ours: Counter[str] = Counter()
-    total = 0
-    for line in path.read_text(errors="replace").splitlines():
-        stack, _, n = line.rpartition(" ")
+    threads: dict[str, Counter[str]] = {}
+    busy = 0
+    for raw in path.read_text(errors="replace").splitlines():
+        stack, _, n = raw.rpartition(" ")
         if not stack or not n.isdigit():
             continue
         count = int(n)
-        total += count
+        parts = stack.split(";")
+        thread = "?"
+        if parts[0].startswith("thread ("):
+            thread = parts.pop(0).split(": ", 1)[-1]
         frames = []
-        for frame in stack.split(";"):
+        for frame in parts:
             func, _, loc = frame.partition(" (")
-            file = loc.rstrip(")").rsplit(":", 1)[0] if loc else ""
-            frames.append((f"{func} ({_short(file)})", file))
-        for name in {name for name, _ in frames}:
+            file, _, line = loc.rstrip(")").rpartition(":")
+            frames.append((f"{func} ({_short(file)})", func, file, int(line or 0)))
+        if not frames:
+            continue
+        per_thread = threads.setdefault(thread, Counter())
+        per_thread["samples"] += count
+        wait = _waiting(*frames[-1][1:])
+        if wait:
+            per_thread[wait] += count
+            continue
+        per_thread["working"] += count
+        busy += count
+        for name in {f[0] for f in frames}:
             inclusive[name] += count
-        for name in {name for name, file in frames if _bucket(file) == "gateway (ours)"}:
+        for name in {f[0] for f in frames if _bucket(f[2]) == "gateway (ours)"}:
             ours[name] += count
-        leaf, leaf_file = frames[-1]
-        own[leaf] += count
-        buckets[_bucket(leaf_file)] += count
+        own[frames[-1][0]] += count
+        buckets[_bucket(frames[-1][2])] += count
 
     def pct(n: int) -> float:
-        return round(100.0 * n / total, 1) if total else 0.0
+        return round(100.0 * n / busy, 1) if busy else 0.0
 
     def listing(counter: Counter[str]) -> list[dict[str, Any]]:
         return [
             {"function": f, "samples": n, "percent": pct(n)} for f, n in counter.most_common(top)
         ]
 
+    wall = seconds * rate
     return {
-        "profiler": "py-spy record (sampling, 200 Hz, all threads, idle excluded), attached "
-        "after the warm-up, for the timed load only",
-        "samples": total,
+        "profiler": f"py-spy record --threads (sampling, {rate} Hz, all threads), attached after "
+        "the warm-up for the timed load only; percentages are of the working samples (waiting "
+        "leaves removed)",
+        "working_samples": busy,
+        "threads": {
+            name: {
+                **dict(c),
+                "working_percent_of_wall": round(100.0 * c["working"] / wall, 1) if wall else None,
+            }
+            for name, c in sorted(threads.items(), key=lambda kv: -kv[1]["samples"])
+        },
         "self_by_package": {b: pct(n) for b, n in buckets.most_common()},
         "top_self": listing(own),
         "top_cumulative": listing(inclusive),
@@ -684,7 +726,10 @@ def profile_cell(
     if not out.exists():
         cell.profile = {"error": f"no profile written (gateway {stopped})\n{tail(gw.log)}"}
         return
-    summary = summarize_pyspy(out, top) if profiler == "py-spy" else summarize_cprofile(out, top)
+    if profiler == "py-spy":
+        summary = summarize_pyspy(out, top, run.seconds if run else 0.0, PYSPY_RATE)
+    else:
+        summary = summarize_cprofile(out, top)
     kept = RESULTS_DIR / f"profile-{cell.size_label}-x{cell.sessions}-{cell.connection}"
     kept = kept.with_suffix(out.suffix)
     shutil.copyfile(out, kept)
@@ -737,6 +782,12 @@ def print_profile(cell: Cell, top: int) -> None:
         return
     run = p.get("profiled_run") or {}
     print(f"  profiled run: {run.get('msgs_per_sec')} msgs/s (slowed by the profiler)")
+    for name, t in p.get("threads", {}).items():
+        waits = ", ".join(f"{k} {v}" for k, v in t.items() if k.startswith("waiting"))
+        print(
+            f"  thread {name}: {t['samples']} samples, working {t.get('working', 0)} "
+            f"(~{t.get('working_percent_of_wall')}% of wall time){'; ' + waits if waits else ''}"
+        )
     print(
         "  self time by package: " + ", ".join(f"{b} {v}%" for b, v in p["self_by_package"].items())
     )

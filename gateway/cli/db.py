@@ -69,10 +69,13 @@ def handle_upgrade(args: argparse.Namespace) -> int:
 def handle_downgrade(args: argparse.Namespace) -> int:
     url = load(args).database_url
     if not args.yes and sys.stdin.isatty():
-        answer = input(
-            f"Downgrading {safe_url(url)} to {args.revision} may drop tables and their data "
-            "(the audit log included). Continue? [y/N] "
-        )
+        try:
+            answer = input(
+                f"Downgrading {safe_url(url)} to {args.revision} may drop tables and their data "
+                "(the audit log included). Continue? [y/N] "
+            )
+        except EOFError:
+            answer = ""
         if answer.strip().lower() not in ("y", "yes"):
             print("aborted", file=sys.stderr)
             return EXIT_FAILURE

@@ -1,7 +1,8 @@
 """``mailward db``, ``mailward user`` and ``mailward audit`` against real databases.
 
 Most tests call ``gateway.cli.main`` in-process (the function the ``mailward`` console script
-runs); a few run it in a subprocess to check exit codes and the absence of tracebacks end to end.
+runs); a few run the installed ``mailward`` script in a subprocess to check exit codes and the
+absence of tracebacks end to end.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import shutil
 import subprocess
 import sys
 from collections.abc import Callable
@@ -47,11 +49,17 @@ def write_config(path: Path, db_url: str, state_dir: Path) -> Path:
     return path
 
 
+def mailward_command() -> list[str]:
+    """The installed console script (``pip install -e .``), else the same entry point via -c."""
+    script = shutil.which("mailward", path=str(Path(sys.executable).parent))
+    return [script] if script else [sys.executable, "-c", ENTRY]
+
+
 def run_subprocess(config: Path, *argv: str, stdin: str = "") -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     env.pop("MAILWARD_CONFIG", None)
     return subprocess.run(
-        [sys.executable, "-c", ENTRY, "--config", str(config), *argv],
+        [*mailward_command(), "--config", str(config), *argv],
         input=stdin,
         capture_output=True,
         text=True,

@@ -622,3 +622,68 @@ def test_every_reply_carries_an_enhanced_status_code(gateway: RunningGateway) ->
         last = reply.rstrip(b"\r\n").split(b"\r\n")[-1]
         assert last[4:5] in b"245" and last[5:6] == b".", reply
     assert gateway.app.context.untranslated == []  # type: ignore[union-attr]
+
+
+def test_total_connection_limit_is_421(make_gateway: Any) -> None:
+    gw = make_gateway({"smtp": {"max_connections": 2}})
+    first = _raw(gw.port("plain"))
+    second = _raw(gw.port("submission"), "127.0.0.2")
+    assert _read_reply(first).startswith(b"220 ") and _read_reply(second).startswith(b"220 ")
+    third = _raw(gw.port("plain"), "127.0.0.3")
+    assert _read_reply(third).startswith(b"421 4.7.0 Too many connections")
+    for s in (first, second, third):
+        s.close()
+    gw.settle()
+    again = _raw(gw.port("plain"), "127.0.0.3")  # slots are given back on close
+    assert _read_reply(again).startswith(b"220 ")
+    again.close()
+
+
+def test_upstream_without_smtputf8_refuses_utf8_mail(make_gateway: Any) -> None:
+    gw = make_gateway(upstream_options={"smtputf8": False})
+    with gw.smtp() as client:
+        client.mail(ALICE, ["SMTPUTF8"])
+        code, text = client.rcpt("bob@example.net")
+    assert (code, text[:5]) == (553, b"5.6.7")
+    assert gw.upstream.messages == []
+
+
+def test_warn_mode_records_but_does_not_refuse(make_gateway: Any) -> None:
+    gw = make_gateway({"checks": {"sender-identity": {"mode": "warn"}}})
+    forged = MSG.replace(b"From: Alice <alice@example.com>", b"From: ceo@example.com")
+    with gw.smtp() as client:
+        client.sendmail(ALICE, ["bob@example.net"], forged)
+    assert len(gw.upstream.messages) == 1
+    rec = _last_message_record(gw)
+    assert rec.outcome == "delivered"
+    (verdict,) = rec.verdicts
+    assert (verdict.check_id, verdict.mode, verdict.applied, verdict.action) == (
+        "sender-identity",
+        "warn",
+        False,
+        "reject",
+    )
+
+
+def test_soft_fail_turns_policy_rejections_into_4xx(make_gateway: Any) -> None:
+    gw = make_gateway({"pipeline": {"soft_fail": True}})
+    with gw.smtp() as client:
+        code, text = client.mail("eve@example.com")
+    assert (code, text[:5]) == (453, b"4.7.1")
+
+
+def test_incident_id_is_in_the_log(
+    gateway: RunningGateway, caplog: pytest.LogCaptureFixture
+) -> None:
+    service = gateway.app.context.gateway  # type: ignore[union-attr]
+
+    async def boom(*args: Any, **kwargs: Any) -> Any:
+        raise ValueError("boom")
+
+    service.on_mail = boom  # type: ignore[method-assign]
+    with gateway.smtp() as client:
+        code, text = client.mail(ALICE)
+    assert code == 451
+    incident = text.decode().rsplit("incident ", 1)[1].rstrip(")")
+    logged = [r for r in caplog.records if incident in r.getMessage()]
+    assert logged and logged[0].exc_info is not None
