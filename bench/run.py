@@ -484,6 +484,7 @@ class PySpy:
         return stop_process(self.proc, signal.SIGINT, grace=60)
 
 
+_TIMESTAMP = re.compile(r"^\d{4}-\d\d-\d\d[ T]\d\d:\d\d:\d\d[,.]\d+ ")
 _WAIT_LINE = re.compile(r"\.get\(|\.wait\(|\.acquire\(")
 
 
@@ -689,6 +690,11 @@ def run_cell(cell: Cell, sink: Sink, workdir: Path, repeat: int, entry: str) -> 
     finally:
         cell.gateway_stop = gw.stop()
         cell.audit = gw.audit_summary()
+        log_lines = tail(gw.log, 10**8).splitlines()
+        cell.audit["gateway_log_lines"] = len(log_lines)
+        cell.audit["gateway_log_top"] = Counter(
+            _TIMESTAMP.sub("", line) for line in log_lines
+        ).most_common(5)
         if "KILLED" in cell.gateway_stop or not cell.gateway_stop.startswith("exited (0"):
             cell.audit["gateway_log_tail"] = tail(gw.log, 1500)
 

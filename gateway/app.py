@@ -20,6 +20,7 @@ import signal
 import socket
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from gateway.audit.store import SqlAuditStore
 from gateway.auth.store import SqlAccountStore
@@ -34,6 +35,9 @@ from gateway.relay.upstream import UpstreamRelay
 from gateway.service import Gateway, GatewaySettings
 from gateway.smtp.server import ListenerSettings, ServerContext, SmtpHandler, protocol_factory
 from gateway.smtp.tls import ensure_self_signed, server_context
+
+if TYPE_CHECKING:  # SQLAlchemy stays behind gateway/db, auth and audit
+    from sqlalchemy.ext.asyncio import AsyncEngine
 
 log = logging.getLogger("mailward.app")
 
@@ -54,13 +58,14 @@ def validate_pipeline(config: Config, source: str) -> None:
 
 @dataclass
 class Stores:
-    engine: object
+    engine: AsyncEngine
     accounts: SqlAccountStore
     audit: SqlAuditStore
 
     async def close(self) -> None:
         await self.audit.close()
-        await self.engine.dispose()  # type: ignore[attr-defined]
+        await self.accounts.close()
+        await self.engine.dispose()
 
 
 async def open_stores(config: Config, *, migrate: bool | None = None) -> Stores:

@@ -209,7 +209,7 @@ async def test_weak_passwords_are_refused_without_echoing_them(stores: Stores) -
 
 async def test_password_is_stored_as_argon2id_hash_only(stores: Stores) -> None:
     await stores.accounts.add_user("bob", PW)
-    async with stores.engine.connect() as conn:  # type: ignore[attr-defined]
+    async with stores.engine.connect() as conn:
         stored = (await conn.execute(select(Account.password_hash))).scalar_one()
     assert stored.startswith("$argon2id$")
     assert PW not in stored
@@ -219,12 +219,12 @@ async def test_outdated_hash_is_replaced_at_successful_login(stores: Stores) -> 
     await stores.accounts.add_user("bob", PW)
     weak = PasswordHasher(time_cost=1, memory_cost=8192, parallelism=1).hash(PW)
     assert needs_rehash(weak)
-    async with stores.engine.begin() as conn:  # type: ignore[attr-defined]
+    async with stores.engine.begin() as conn:
         await conn.execute(update(Account).values(password_hash=weak))
 
     assert await stores.accounts.authenticate("bob", PW) is not None
 
-    async with stores.engine.connect() as conn:  # type: ignore[attr-defined]
+    async with stores.engine.connect() as conn:
         stored = (await conn.execute(select(Account.password_hash))).scalar_one()
     assert stored != weak and not needs_rehash(stored)
     assert await stores.accounts.authenticate("bob", PW) is not None

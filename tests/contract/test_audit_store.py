@@ -271,23 +271,6 @@ async def test_group_commit_many_concurrent_writers(stores: Stores) -> None:
         assert [r.status for r in records[audit_id].recipients] == ["delivered", "delivered"]
 
 
-async def test_throughput_on_this_backend(stores: Stores) -> None:
-    """The gateway's target: >= 500 messages/s with two audit writes each (begin + finish)."""
-    txns = [make_txn(mail_from=f"s{i}@example.com") for i in range(1000)]
-    sem = asyncio.Semaphore(100)  # 100 concurrent sessions
-
-    async def message(t: Transaction) -> None:
-        async with sem:
-            audit_id = await stores.audit.begin_message(t)
-            t.set_pending(RecipientStatus.DELIVERED, "250 ok")
-            await stores.audit.finish_message(audit_id, t, "delivered")
-
-    start = time.perf_counter()
-    await asyncio.gather(*(message(t) for t in txns))
-    rate = len(txns) / (time.perf_counter() - start)
-    assert rate >= 500, f"{rate:.0f} messages/s"
-
-
 async def test_a_bad_row_fails_only_its_own_write(stores: Stores) -> None:
     txn = make_txn()
     good = [make_txn() for _ in range(20)]
@@ -314,7 +297,7 @@ async def test_no_message_body_is_stored_and_client_text_is_sanitised(
     assert record is not None and record.helo is not None
     assert "\x00" not in record.helo and record.helo.startswith("evil")
 
-    async with stores.engine.connect() as conn:  # type: ignore[attr-defined]
+    async with stores.engine.connect() as conn:
         rows = []
         for table in (RECORD, RECIPIENT, VERDICT):
             rows += [tuple(r) for r in (await conn.execute(select(table))).all()]
