@@ -50,12 +50,12 @@ from gateway.core.errors import (
     UpstreamTimeout,
     UpstreamUnreachable,
 )
+from gateway.core.message import has_bare_newline_or_nul
 from gateway.core.ports import UpstreamReply
 from gateway.relay.wire import (
     AddressError,
     client_tls_context,
     dot_stuff,
-    has_lone_cr_or_lf,
     smtp_path,
 )
 
@@ -551,7 +551,7 @@ class UpstreamTransaction:
         (any code). Raises UpstreamError on connection failure or timeout."""
         conn = self._current("DATA")
         self._conn = None
-        if has_lone_cr_or_lf(content):
+        if has_bare_newline_or_nul(content):
             log.warning("message content has bare CR or LF; normalised to CRLF for the upstream")
         payload = dot_stuff(content)
         reply = await self._relay._command(conn, b"DATA", "DATA")

@@ -21,9 +21,8 @@ import ssl
 
 from gateway.config.schema import RelayConfig
 from gateway.core.errors import ConfigError
+from gateway.core.message import has_bare_newline_or_nul, normalize_line_endings
 
-_LONE_CR_OR_LF = re.compile(rb"\r(?!\n)|(?<!\r)\n")
-_ANY_NEWLINE = re.compile(rb"\r\n|\r|\n")
 _LINE_START_DOT = re.compile(rb"(?m)^\.")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _QUOTED_LOCAL_PART = re.compile(r'^"(?:[^"\\]|\\.)*"')
@@ -53,10 +52,6 @@ def smtp_path(address: str, *, smtputf8: bool) -> bytes:
     return b"<" + address.encode("utf-8") + b">"
 
 
-def has_lone_cr_or_lf(content: bytes) -> bool:
-    return _LONE_CR_OR_LF.search(content) is not None
-
-
 def dot_stuff(content: bytes) -> bytes:
     """The DATA payload for ``content`` (CRLF lines, not yet dot-stuffed), terminator included.
 
@@ -65,8 +60,8 @@ def dot_stuff(content: bytes) -> bytes:
     missing final CRLF is added. For CRLF content the upstream, after un-stuffing, stores exactly
     ``content``.
     """
-    if has_lone_cr_or_lf(content):
-        content = _ANY_NEWLINE.sub(b"\r\n", content)
+    if has_bare_newline_or_nul(content):
+        content = normalize_line_endings(content)
     if content and not content.endswith(b"\r\n"):
         content += b"\r\n"
     return _LINE_START_DOT.sub(b"..", content) + b".\r\n"
