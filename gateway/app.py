@@ -18,19 +18,26 @@ import ipaddress
 import logging
 import signal
 import socket
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from gateway.audit.store import SqlAuditStore
 from gateway.auth.store import SqlAccountStore
 from gateway.checks import SPECS
+from gateway.checks.rate_limit import LimitAdmin
 from gateway.config import Config, resolve_secret
+from gateway.control import ControlServer, socket_path
 from gateway.core.errors import GatewayError
 from gateway.db.engine import create_engine
 from gateway.db.migrate import upgrade
 from gateway.pipeline.registry import build_pipeline
 from gateway.pipeline.runner import Pipeline
+from gateway.policystate.store import SqlPolicyState
+from gateway.ratelimit.memory import MemoryLimitStore
+from gateway.ratelimit.redis_store import RedisLimitStore
+from gateway.ratelimit.store import LimitStore
 from gateway.relay.upstream import UpstreamRelay
 from gateway.service import Gateway, GatewaySettings
 from gateway.smtp.server import ListenerSettings, ServerContext, SmtpHandler, protocol_factory
@@ -44,11 +51,31 @@ log = logging.getLogger("mailward.app")
 
 @dataclass
 class _PipelineDeps:
+    """What checks may be built with (see each check's factory)."""
+
     config: Config
+    limit_store: LimitStore
+    policy_state: SqlPolicyState | None
 
 
-def make_pipeline(config: Config, source: str = "configuration") -> Pipeline:
-    return build_pipeline(config, SPECS, _PipelineDeps(config), source)
+def open_limit_store(config: Config) -> LimitStore:
+    """The configured limit store: in-process memory or Redis (shared by many instances)."""
+    url = config.limits.store
+    if url == "memory://":
+        return MemoryLimitStore()
+    return RedisLimitStore(url, timeout=config.limits.store_timeout)
+
+
+def make_pipeline(
+    config: Config,
+    source: str = "configuration",
+    *,
+    limit_store: LimitStore | None = None,
+    policy_state: SqlPolicyState | None = None,
+) -> Pipeline:
+    store = limit_store if limit_store is not None else MemoryLimitStore()
+    deps = _PipelineDeps(config, store, policy_state)
+    return build_pipeline(config, SPECS, deps, source)
 
 
 def validate_pipeline(config: Config, source: str) -> None:
@@ -61,10 +88,12 @@ class Stores:
     engine: AsyncEngine
     accounts: SqlAccountStore
     audit: SqlAuditStore
+    policy: SqlPolicyState
 
     async def close(self) -> None:
         await self.audit.close()
         await self.accounts.close()
+        await self.policy.close()
         await self.engine.dispose()
 
 
@@ -78,7 +107,8 @@ async def open_stores(config: Config, *, migrate: bool | None = None) -> Stores:
         engine, batch_size=config.audit.batch_size, timeout=config.database.timeout
     )
     await audit.start()
-    return Stores(engine, accounts, audit)
+    policy = SqlPolicyState(engine, timeout=config.database.timeout)
+    return Stores(engine, accounts, audit, policy)
 
 
 def gateway_hostname(config: Config) -> str:
@@ -95,16 +125,22 @@ class GatewayApp:
         self.ports: dict[str, int] = {}
         self.stores: Stores | None = None
         self.relay: UpstreamRelay | None = None
+        self.limit_store: LimitStore | None = None
+        self.control: ControlServer | None = None
         self.context: ServerContext | None = None
         self._servers: list[asyncio.Server] = []
 
     async def start(self) -> None:
         config = self.config
-        pipeline = make_pipeline(config)
+        make_pipeline(config)  # validate before opening anything
         password = resolve_secret(config.relay.password, "relay.password")
         cert, key = self._tls_files()
         tls = server_context(cert, key, config.tls.min_version)
         self.stores = await open_stores(config)
+        self.limit_store = open_limit_store(config)
+        pipeline = make_pipeline(
+            config, limit_store=self.limit_store, policy_state=self.stores.policy
+        )
         self.relay = UpstreamRelay(
             config.relay, helo_name=config.relay.helo_name or self.hostname, password=password
         )
@@ -127,6 +163,19 @@ class GatewayApp:
             relay=self.relay,
         )
         self.context = ServerContext(gateway)
+        admin = LimitAdmin(config.limits, self.limit_store, self.stores.policy)
+
+        async def limit_status(args: Mapping[str, Any]) -> Any:
+            return await admin.status(str(args["login"]))
+
+        async def limit_reset(args: Mapping[str, Any]) -> Any:
+            return await admin.reset(str(args["login"]))
+
+        self.control = ControlServer(
+            socket_path(config.state_dir),
+            {"limit-status": limit_status, "limit-reset": limit_reset},
+        )
+        await self.control.start()
         handler = SmtpHandler(self.context)
         loop = asyncio.get_running_loop()
         try:
@@ -194,6 +243,12 @@ class GatewayApp:
         if self.relay is not None:
             await self.relay.close()
             self.relay = None
+        if self.control is not None:
+            await self.control.stop()
+            self.control = None
+        if self.limit_store is not None:
+            await self.limit_store.close()
+            self.limit_store = None
         if self.stores is not None:
             await self.stores.close()
             self.stores = None

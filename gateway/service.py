@@ -270,11 +270,26 @@ class Gateway:
         txn.sha256 = sha256_hex(content)
         txn.message_id = Headers(content).message_id
         verdict = await self.pipeline.run(Stage.DATA, txn)
-        if verdict.decisive and verdict.reply is not None:
-            status = (
-                RecipientStatus.DEFERRED if verdict.reply.is_temporary else RecipientStatus.FAILED
-            )
-            return await self._end_without_relay(exchange, verdict.reply, status)
+        delivered = False
+        try:
+            if verdict.decisive and verdict.reply is not None:
+                status = (
+                    RecipientStatus.DEFERRED
+                    if verdict.reply.is_temporary
+                    else RecipientStatus.FAILED
+                )
+                return await self._end_without_relay(exchange, verdict.reply, status)
+            reply, outcome = await self._audited_relay(exchange, content)
+            delivered = outcome == "delivered"
+            return reply
+        finally:
+            # checks that charged something at end of data (rate-limit) keep it only when the
+            # upstream accepted the message
+            await self.pipeline.finish(txn, delivered)
+
+    async def _audited_relay(self, exchange: Exchange, content: bytes) -> tuple[Reply, str]:
+        """Commit the audit record, relay, complete the record: (client reply, outcome)."""
+        txn = exchange.txn
         wire = (
             self._received_header(txn) + content if self.settings.add_received_header else content
         )
@@ -287,7 +302,7 @@ class Gateway:
             reply = replies.AUDIT_UNAVAILABLE
             txn.set_pending(RecipientStatus.DEFERRED, reply.line())
             exchange.finished = True
-            return reply
+            return reply, "deferred"
         reply, outcome = await self._relay(exchange, wire)
         txn.final_reply = reply.line()
         exchange.finished = True
@@ -306,7 +321,7 @@ class Gateway:
                 exc,
             )
         txn.content = None
-        return reply
+        return reply, outcome
 
     async def _relay(self, exchange: Exchange, wire: bytes) -> tuple[Reply, str]:
         """Send the message upstream; the reply for the client and the audit outcome."""

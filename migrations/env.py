@@ -19,7 +19,8 @@ from alembic import context
 from sqlalchemy import Connection
 
 import gateway.audit.models
-import gateway.auth.models  # noqa: F401  (register the tables on the metadata)
+import gateway.auth.models
+import gateway.policystate.models  # noqa: F401  (register the tables on the metadata)
 from gateway.db.base import Base
 from gateway.db.engine import engine_for_url
 

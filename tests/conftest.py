@@ -10,4 +10,5 @@ pytest_plugins = [
     "tests.fixtures.db",
     "tests.fixtures.upstream",
     "tests.fixtures.gateway",
+    "tests.fixtures.limits",
 ]

@@ -4,10 +4,13 @@
 """
 
 from gateway.checks.message_size import SPEC as MESSAGE_SIZE
+from gateway.checks.rate_limit import SPEC as RATE_LIMIT
 from gateway.checks.recipient_limit import SPEC as RECIPIENT_LIMIT
 from gateway.checks.sender_identity import SPEC as SENDER_IDENTITY
 from gateway.pipeline.registry import CheckSpec
 
-SPECS: dict[str, CheckSpec] = {s.id: s for s in (SENDER_IDENTITY, RECIPIENT_LIMIT, MESSAGE_SIZE)}
+SPECS: dict[str, CheckSpec] = {
+    s.id: s for s in (SENDER_IDENTITY, RECIPIENT_LIMIT, MESSAGE_SIZE, RATE_LIMIT)
+}
 
 __all__ = ["SPECS"]

@@ -253,6 +253,115 @@ class PipelineConfig:
     data: list[str] = doc_field([], "Check ids run at end of data (whole message), in order.")
 
 
+_DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_duration(text: str) -> float:
+    """``"30s"``, ``"10m"``, ``"1h"``, ``"1d"`` → seconds (ValueError otherwise)."""
+    text = text.strip()
+    unit = _DURATION_UNITS.get(text[-1:])
+    if unit is None or not text[:-1].replace(".", "", 1).isdigit():
+        raise ValueError(f"bad duration {text!r} (use e.g. 30s, 10m, 1h, 1d)")
+    value = float(text[:-1]) * unit
+    if value <= 0:
+        raise ValueError(f"duration {text!r} must be positive")
+    return value
+
+
+@dataclass(frozen=True)
+class TierConfig:
+    limit: int = doc_field(0, "Amount allowed per `period` (messages, recipients or bytes).")
+    period: str = doc_field(
+        "1m", "Window of the sustained rate: a duration like `30s`, `1m`, `1h`, `1d`."
+    )
+    burst: int = doc_field(
+        0,
+        "Most that may be used at once (GCRA burst); 0 means `limit` (the whole period's amount).",
+    )
+
+    @property
+    def seconds(self) -> float:
+        return parse_duration(self.period)
+
+    def validate(self) -> None:
+        if self.limit < 1:
+            raise ConfigError("", "limit", "must be at least 1")
+        if self.burst < 0:
+            raise ConfigError("", "burst", "must not be negative")
+        try:
+            parse_duration(self.period)
+        except ValueError as exc:
+            raise ConfigError("", "period", str(exc)) from None
+
+
+@dataclass(frozen=True)
+class LimitRuleConfig:
+    key: Literal["login", "client-ip", "sender-domain"] = doc_field(
+        "login",
+        "What is counted separately: each `login`, each client IP (IPv6 grouped by "
+        "`limits.ipv6_prefix`), or each envelope sender domain.",
+    )
+    quantity: Literal["messages", "recipients", "bytes", "distinct-recipients"] = doc_field(
+        "messages",
+        "What is counted: accepted messages, accepted recipients, message bytes, or distinct "
+        "recipient addresses (a sliding window of the first tier's period; its `limit` is the cap).",
+    )
+    tiers: list[TierConfig] = doc_field(
+        [], "One or more tiers, all enforced and charged together (e.g. 30/min and 1000/day)."
+    )
+    fail_open: bool = doc_field(
+        False,
+        "When the limit store is unreachable: false defers the mail (451, fail closed); true lets "
+        "it pass for this limit (logged and audited).",
+    )
+    description: str = doc_field("", "Free text shown by `mailward limit status`.")
+
+    def validate(self) -> None:
+        if not self.tiers:
+            raise ConfigError("", "tiers", "at least one tier is required")
+
+
+@dataclass(frozen=True)
+class LimitsConfig:
+    store: str = doc_field(
+        "memory://",
+        "Where counts live: `memory://` (in-process, the embedded default) or "
+        "`redis://host:port/db` (shared by many gateway instances).",
+    )
+    store_timeout: float = doc_field(
+        0.5, "Seconds one limit-store operation may take before it counts as unreachable."
+    )
+    ipv4_prefix: int = doc_field(32, "Client IPv4 addresses are grouped by this prefix length.")
+    ipv6_prefix: int = doc_field(64, "Client IPv6 addresses are grouped by this prefix length.")
+    rules: dict[str, LimitRuleConfig] = doc_field(
+        {}, "The limits, by id: `[limits.rules.<id>]` (the id appears in replies, logs, audit)."
+    )
+    domains: dict[str, dict[str, list[TierConfig]]] = doc_field(
+        {},
+        'Per sender domain tier overrides: `[limits.domains."example.com"]` with '
+        "`<limit id> = [{limit = .., period = ..}, ..]`.",
+    )
+    logins: dict[str, dict[str, list[TierConfig]]] = doc_field(
+        {},
+        "Per login tier overrides, like `domains` (time-boxed ones: `mailward limit override`).",
+    )
+
+    def validate(self) -> None:
+        if not (self.store == "memory://" or self.store.startswith(("redis://", "rediss://"))):
+            raise ConfigError("", "store", "must be memory:// or a redis:// URL")
+        if not 8 <= self.ipv4_prefix <= 32:
+            raise ConfigError("", "ipv4_prefix", "must be between 8 and 32")
+        if not 16 <= self.ipv6_prefix <= 128:
+            raise ConfigError("", "ipv6_prefix", "must be between 16 and 128")
+        for where, table in (("domains", self.domains), ("logins", self.logins)):
+            for name, overrides in table.items():
+                for limit_id in overrides:
+                    if limit_id not in self.rules:
+                        raise ConfigError(
+                            "", f"{where}.{name}.{limit_id}", "no such limit in limits.rules"
+                        )
+
+
 @dataclass(frozen=True)
 class LogConfig:
     level: Literal["debug", "info", "warning", "error"] = doc_field("info", "Log level.")
@@ -270,6 +379,7 @@ class Config:
     relay: RelayConfig = field(default_factory=RelayConfig, metadata={"doc": ""})
     audit: AuditConfig = field(default_factory=AuditConfig, metadata={"doc": ""})
     pipeline: PipelineConfig = field(default_factory=PipelineConfig, metadata={"doc": ""})
+    limits: LimitsConfig = field(default_factory=LimitsConfig, metadata={"doc": ""})
     log: LogConfig = field(default_factory=LogConfig, metadata={"doc": ""})
     checks: dict[str, dict[str, Any]] = doc_field(
         {},

@@ -172,6 +172,10 @@ def describe(cls: type, prefix: str = "") -> Iterator[KeyDoc]:
             yield KeyDoc(key, type_name(tp), "see below", str(f.metadata.get("doc", "")))
             yield from describe(get_args(tp)[0], f"{key}[]")
             continue
+        if get_origin(tp) is dict and dataclasses.is_dataclass(get_args(tp)[1]):
+            yield KeyDoc(key, type_name(tp), _toml(default), str(f.metadata.get("doc", "")))
+            yield from describe(get_args(tp)[1], f"{key}.<id>")
+            continue
         shown = "(secret)" if f.metadata.get("secret") and default else default
         yield KeyDoc(key, type_name(tp), _toml(shown), str(f.metadata.get("doc", "")))
 

@@ -208,6 +208,8 @@ class Transaction:
     queue_id: str | None = None
     final_reply: str | None = None
     incident: str | None = None
+    # per-check scratch space, keyed by check id (e.g. the rate-limit charge to refund)
+    check_state: dict[str, object] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not self.id:

@@ -146,6 +146,9 @@ MESSAGE_ACCEPTED = Reply(250, "2.0.0", "Ok: queued as {queue_id} (transaction {t
 
 # --- policy / pipeline ----------------------------------------------------------------------------
 POLICY_TEMPFAIL = Reply(451, "4.3.0", "Temporary policy failure ({check}), try again later")
+RATE_LIMITED = Reply(450, "4.7.1", "Rate limit {limit} exceeded, try again in {retry} s")
+RATE_LIMITED_EOM = Reply(451, "4.7.1", "Rate limit {limit} exceeded, try again in {retry} s")
+RATE_LIMIT_NEVER = Reply(552, "5.3.4", "Message exceeds the rate limit {limit} on its own")
 
 # --- upstream / custody ---------------------------------------------------------------------------
 UPSTREAM_UNAVAILABLE = Reply(451, "4.4.1", "Upstream relay unavailable, try again later")

@@ -111,6 +111,22 @@ class Pipeline:
             )
         return CONTINUE
 
+    async def finish(self, txn: Transaction, delivered: bool) -> None:
+        """Tell checks that keep per-transaction state how it ended (e.g. refund a charge).
+
+        Called once per transaction that reached end of data; checks without a ``finish``
+        method are skipped. A failing ``finish`` is logged; the client's reply is decided."""
+        seen: set[str] = set()
+        for configured in self._stages.get(Stage.DATA, ()):
+            finish = getattr(configured.check, "finish", None)
+            if finish is None or configured.id in seen:
+                continue
+            seen.add(configured.id)
+            try:
+                await finish(txn, delivered)
+            except Exception:
+                log.exception("check %s finish failed txn=%s", configured.id, txn.id)
+
     async def _evaluate(
         self, configured: ConfiguredCheck, stage: Stage, txn: Transaction, rcpt: Recipient | None
     ) -> Verdict:

@@ -31,6 +31,7 @@ from gateway.core.model import (
     Transaction,
     VerdictRecord,
 )
+from gateway.db.migrate import head_revision
 from tests.fixtures.db import make_db_config, run_async, unreachable_url
 
 REPO = Path(__file__).resolve().parents[2]
@@ -113,9 +114,10 @@ def test_db_upgrade_current_downgrade_in_a_subprocess(empty_db_url: str, tmp_pat
 
     up = run_subprocess(config, "db", "upgrade")
     assert up.returncode == 0, up.stderr
-    assert "0001 (newest)" in up.stdout
+    head = head_revision()
+    assert f"{head} (newest)" in up.stdout
 
-    assert "0001 (newest)" in run_subprocess(config, "db", "current").stdout
+    assert f"{head} (newest)" in run_subprocess(config, "db", "current").stdout
 
     down = run_subprocess(config, "db", "downgrade", "base", "--yes")
     assert down.returncode == 0, down.stderr
@@ -123,6 +125,7 @@ def test_db_upgrade_current_downgrade_in_a_subprocess(empty_db_url: str, tmp_pat
 
     again = run_subprocess(config, "db", "upgrade", "--revision", "0001")
     assert again.returncode == 0 and "0001" in again.stdout
+    assert "0001 (newest)" not in again.stdout  # older than head: not the newest
 
 
 def test_db_upgrade_to_unknown_revision_fails_cleanly(cli: Cli) -> None:

@@ -24,7 +24,7 @@ from gateway.db.migrate import MigrationError, current, downgrade, head_revision
 from tests.fixtures.db import make_db_config, unreachable_url
 
 REPO = Path(__file__).resolve().parents[2]
-TABLES = {
+TABLES_0001 = {
     "account",
     "account_address",
     "send_as_grant",
@@ -32,6 +32,10 @@ TABLES = {
     "audit_recipient",
     "audit_verdict",
 }
+# each revision and the tables the schema has once it is applied
+REVISIONS = [("0001", TABLES_0001), ("0002", TABLES_0001 | {"limit_override"})]
+TABLES = REVISIONS[-1][1]
+HEAD = REVISIONS[-1][0]
 
 
 async def _tables(url: str) -> set[str]:
@@ -49,7 +53,7 @@ async def test_upgrade_downgrade_upgrade(empty_db_url: str) -> None:
     assert await _tables(empty_db_url) == set()
 
     await upgrade(empty_db_url)
-    assert await current(empty_db_url) == head_revision() == "0001"
+    assert await current(empty_db_url) == head_revision() == HEAD
     assert await _tables(empty_db_url) == TABLES
 
     await downgrade(empty_db_url, "base")
@@ -58,13 +62,27 @@ async def test_upgrade_downgrade_upgrade(empty_db_url: str) -> None:
 
     await upgrade(empty_db_url, "0001")
     assert await current(empty_db_url) == "0001"
-    assert await _tables(empty_db_url) == TABLES
+    assert await _tables(empty_db_url) == TABLES_0001
+    await upgrade(empty_db_url)
     await upgrade(empty_db_url)  # already at head: nothing to do, no error
-    assert await current(empty_db_url) == "0001"
+    assert await current(empty_db_url) == HEAD
+
+
+async def test_every_revision_steps_down_and_up(empty_db_url: str) -> None:
+    """Walk the chain one revision at a time, down to base and back, checking the tables."""
+    for revision, tables in REVISIONS:
+        await upgrade(empty_db_url, revision)
+        assert await current(empty_db_url) == revision
+        assert await _tables(empty_db_url) == tables
+    for i in range(len(REVISIONS) - 1, -1, -1):
+        previous = REVISIONS[i - 1][0] if i else "base"
+        await downgrade(empty_db_url, previous)
+        expected = REVISIONS[i - 1][1] if i else set()
+        assert await _tables(empty_db_url) == expected
 
 
 async def test_models_match_the_migrated_schema(db_url: str) -> None:
-    """The ORM description and revision 0001 agree (autogenerate finds nothing to change)."""
+    """The ORM description and the head revision agree (autogenerate finds nothing to change)."""
     engine = engine_for_url(db_url, pooled=False)
 
     def diff(conn: Connection) -> list[Any]:
@@ -105,7 +123,7 @@ async def test_expression_indexes_exist(db_url: str, db_backend: str) -> None:
 async def test_unknown_revision_is_a_migration_error(db_url: str) -> None:
     with pytest.raises(MigrationError, match="nope"):
         await upgrade(db_url, "nope")
-    assert await current(db_url) == "0001"
+    assert await current(db_url) == HEAD
 
 
 async def test_unreachable_database_is_store_unavailable(db_backend: str, tmp_path: Path) -> None:
@@ -156,4 +174,4 @@ def test_migrations_run_from_any_directory(tmp_path: Path) -> None:
         check=False,
     )
     assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == "0001"
+    assert result.stdout.strip() == HEAD

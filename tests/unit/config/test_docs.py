@@ -15,10 +15,10 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 
+from gateway.app import make_pipeline
 from gateway.checks import SPECS
 from gateway.config import load_config
 from gateway.config.docs import (
@@ -31,7 +31,6 @@ from gateway.config.docs import (
 from gateway.config.loader import load_layers
 from gateway.config.schema import CheckSettings, Config
 from gateway.config.typed import KeyDoc, describe
-from gateway.pipeline.registry import build_pipeline
 
 DOC = Path(__file__).resolve().parents[3] / "docs" / "configuration.md"
 REGENERATE = (
@@ -127,6 +126,6 @@ def test_the_annotated_example_is_a_valid_site_file(document: str, tmp_path: Pat
     path = tmp_path / "example.toml"
     path.write_text(example, encoding="utf-8")
     config = load_config(path)
-    build_pipeline(config, SPECS, SimpleNamespace(config=config), str(path))
+    make_pipeline(config, str(path))
     assert config.relay.password.startswith("file:")
     assert [x.name for x in config.smtp.listeners] == ["submission", "submissions"]

@@ -15,17 +15,15 @@ from __future__ import annotations
 
 import textwrap
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 
-from gateway.checks import SPECS
+from gateway.app import make_pipeline
 from gateway.config import Config, load_config, shipped_dir
 from gateway.config.loader import load_layers, merge, read_toml
 from gateway.config.schema import ListenerConfig, SmtpConfig
 from gateway.core.errors import ConfigError
 from gateway.core.model import Mode, OnError, Stage
-from gateway.pipeline.registry import build_pipeline
 from gateway.pipeline.runner import Pipeline
 
 
@@ -39,7 +37,7 @@ def check_config(path: Path | None) -> tuple[Config, Pipeline]:
     """What ``mailward config check`` does: bind the schema, then build the pipeline."""
     config = load_config(path)
     source = str(path) if path else "shipped policies"
-    return config, build_pipeline(config, SPECS, SimpleNamespace(config=config), source)
+    return config, make_pipeline(config, source)
 
 
 def stage_ids(pipeline: Pipeline, stage: Stage) -> list[str]:
@@ -52,13 +50,13 @@ def stage_ids(pipeline: Pipeline, stage: Stage) -> list[str]:
 def test_shipped_defaults_load_and_build_the_shipped_pipeline() -> None:
     config, pipeline = check_config(None)
     # values that come from policies/00-pipeline.toml, not from the schema defaults
-    assert config.pipeline.mail == ["sender-identity", "message-size"]
-    assert config.pipeline.rcpt == ["recipient-limit"]
-    assert config.pipeline.data == ["message-size", "sender-identity"]
+    assert config.pipeline.mail == ["sender-identity", "message-size", "rate-limit"]
+    assert config.pipeline.rcpt == ["recipient-limit", "rate-limit"]
+    assert config.pipeline.data == ["message-size", "sender-identity", "rate-limit"]
     assert config.checks["recipient-limit"]["max_recipients"] == 100
-    assert stage_ids(pipeline, Stage.MAIL) == ["sender-identity", "message-size"]
-    assert stage_ids(pipeline, Stage.RCPT) == ["recipient-limit"]
-    assert stage_ids(pipeline, Stage.DATA) == ["message-size", "sender-identity"]
+    assert stage_ids(pipeline, Stage.MAIL) == ["sender-identity", "message-size", "rate-limit"]
+    assert stage_ids(pipeline, Stage.RCPT) == ["recipient-limit", "rate-limit"]
+    assert stage_ids(pipeline, Stage.DATA) == ["message-size", "sender-identity", "rate-limit"]
     assert stage_ids(pipeline, Stage.CONNECT) == []
     limit = pipeline.describe()[Stage.RCPT][0]
     assert (limit.mode, limit.timeout, limit.on_error) == (Mode.ENFORCE, 1.0, OnError.DEFER)
@@ -129,8 +127,8 @@ def test_site_arrays_replace_whole_arrays(tmp_path: Path) -> None:
     assert config.pipeline.mail == ["message-size"]
     assert stage_ids(pipeline, Stage.MAIL) == ["message-size"]
     # the sibling arrays of the same table are untouched (tables merge)
-    assert config.pipeline.data == ["message-size", "sender-identity"]
-    assert config.pipeline.rcpt == ["recipient-limit"]
+    assert config.pipeline.data == ["message-size", "sender-identity", "rate-limit"]
+    assert config.pipeline.rcpt == ["recipient-limit", "rate-limit"]
     # one listener replaces both default listeners; unset keys take the schema default
     assert config.smtp.listeners == [ListenerConfig("internal", "127.0.0.1", 2525, "starttls")]
 

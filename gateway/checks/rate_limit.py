@@ -1,0 +1,311 @@
+"""Check ``rate-limit``: per-login, per-client-IP and per-sender-domain limits with GCRA tiers.
+
+What it does: each limit in ``[limits.rules.<id>]`` counts one quantity (messages, recipients,
+bytes, distinct recipients) for one key (login, client IP grouped by prefix, sender domain) under
+one or more tiers (e.g. 30/min and 1000/day), all charged together and atomically by the limit store.
+At MAIL and RCPT the check only *peeks* (would this message / this recipient still fit?), so a
+client learns early and rejected recipients are never charged; at end of data it *charges* every
+tier of every limit at once (all-or-nothing) for what is actually about to be relayed, and
+``finish`` refunds the charge when the upstream did not accept the message — only accepted mail
+stays counted. Over a limit: ``450 4.7.1`` at MAIL/RCPT and ``451 4.7.1`` at end of data, naming
+the limit and the seconds until it admits the request; the verdict carries the measured value and
+the limit for the audit. A request larger than a limit's whole capacity is refused ``552 5.3.4``
+(it would never fit). Tiers come from, in order of precedence: a time-boxed override written by
+``mailward limit override`` (database), ``[limits.logins.<login>]``, ``[limits.domains.<domain>]``,
+then the limit's own tiers.
+
+Reads: the session's login and client IP, the envelope, the limit store, the override table.
+
+Security notes: if the limit store is unreachable the check raises (the runner defers: 451, fail
+closed) unless every limit concerned is ``fail_open``; distinct-recipient members are stored hashed
+by the store. Addresses are never logged here.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from gateway.config.schema import LimitRuleConfig, LimitsConfig, TierConfig
+from gateway.config.typed import build
+from gateway.core import replies
+from gateway.core.errors import StoreUnavailable
+from gateway.core.model import CONTINUE, Recipient, Stage, Transaction, Verdict
+from gateway.pipeline.registry import CheckSpec
+from gateway.ratelimit.store import SEPARATOR, Charge, Decision, LimitStore, Tier
+
+log = logging.getLogger("mailward.checks.rate_limit")
+
+CHECK_ID = "rate-limit"
+
+
+class OverrideSource(Protocol):
+    async def active_overrides(self, login: str) -> dict[str, list[dict[str, Any]]]: ...
+
+
+@dataclass(frozen=True)
+class Options:
+    """No options of its own: the limits are the ``[limits]`` table."""
+
+
+@dataclass(frozen=True, slots=True)
+class _Limit:
+    id: str
+    rule: LimitRuleConfig
+    key: str
+    tiers: tuple[Tier, ...]
+
+
+def client_key(ip: str, v4_prefix: int, v6_prefix: int) -> str:
+    """The client IP grouped by prefix: ``192.0.2.7`` or ``2001:db8:1:2::/64``."""
+    try:
+        addr = ipaddress.ip_address(ip)
+    except ValueError:
+        return ip
+    prefix = v4_prefix if addr.version == 4 else v6_prefix
+    return str(ipaddress.ip_network(f"{addr}/{prefix}", strict=False).with_prefixlen)
+
+
+def to_tiers(limit_id: str, tiers: Sequence[TierConfig]) -> tuple[Tier, ...]:
+    return tuple(
+        Tier(f"{limit_id}#{i}", t.limit, t.seconds, t.burst or None) for i, t in enumerate(tiers)
+    )
+
+
+def describe_tier(tier: Tier) -> str:
+    return f"{tier.limit} per {tier.period:g}s"
+
+
+async def resolve_limits(
+    config: LimitsConfig,
+    overrides: OverrideSource | None,
+    *,
+    login: str | None,
+    client_ip: str | None,
+    domain: str,
+) -> list[_Limit]:
+    """The limits that apply, each with its key and its effective tiers (overrides applied)."""
+    login = login.lower() if login else None
+    timeboxed: Mapping[str, list[dict[str, Any]]] = {}
+    if login and overrides is not None:
+        timeboxed = await overrides.active_overrides(login)
+    limits = []
+    for limit_id, rule in config.rules.items():
+        if rule.key == "login":
+            if not login:
+                continue
+            key = f"login:{login}"
+        elif rule.key == "client-ip":
+            if not client_ip:
+                continue
+            key = "ip:" + client_key(client_ip, config.ipv4_prefix, config.ipv6_prefix)
+        else:
+            if not domain:
+                continue
+            key = f"domain:{domain}"
+        tiers = rule.tiers
+        if domain and limit_id in config.domains.get(domain, {}):
+            tiers = config.domains[domain][limit_id]
+        if login and limit_id in config.logins.get(login, {}):
+            tiers = config.logins[login][limit_id]
+        if limit_id in timeboxed:
+            tiers = [
+                build(TierConfig, raw, "limit override", f"{limit_id}.tiers[{i}]")
+                for i, raw in enumerate(timeboxed[limit_id])
+            ]
+        limits.append(_Limit(limit_id, rule, f"{limit_id}:{key}", to_tiers(limit_id, tiers)))
+    return limits
+
+
+class LimitAdmin:
+    """``mailward limit status|reset``: a login's usage per tier, and clearing it."""
+
+    def __init__(
+        self, config: LimitsConfig, store: LimitStore, overrides: OverrideSource | None
+    ) -> None:
+        self.config, self.store, self.overrides = config, store, overrides
+
+    async def status(self, login: str) -> list[dict[str, Any]]:
+        limits = await resolve_limits(
+            self.config, self.overrides, login=login, client_ip=None, domain=""
+        )
+        rows: list[dict[str, Any]] = []
+        for lim in limits:
+            if lim.rule.quantity == "distinct-recipients":
+                tier = lim.tiers[0]
+                count = await self.store.distinct(
+                    lim.key, [], tier.period, limit=tier.limit, dry_run=True
+                )
+                rows.append(
+                    {
+                        "limit": lim.id,
+                        "tier": describe_tier(tier),
+                        "quantity": lim.rule.quantity,
+                        "used": count.count_after,
+                        "remaining": max(0, tier.limit - count.count_after),
+                        "reset_after": None,
+                    }
+                )
+                continue
+            for tier, usage in zip(
+                lim.tiers, await self.store.usage(lim.key, lim.tiers), strict=True
+            ):
+                rows.append(
+                    {
+                        "limit": lim.id,
+                        "tier": describe_tier(tier),
+                        "quantity": lim.rule.quantity,
+                        "used": usage.used,
+                        "remaining": usage.remaining,
+                        "reset_after": usage.reset_after,
+                    }
+                )
+        return rows
+
+    async def reset(self, login: str) -> int:
+        cleared = 0
+        for limit_id, rule in self.config.rules.items():
+            if rule.key == "login":
+                # the separator ends the key: alice@example.co must not clear alice@example.com
+                key = f"{limit_id}:login:{login.lower()}"
+                cleared += await self.store.reset(key + SEPARATOR)
+        return cleared
+
+
+class RateLimit:
+    id = CHECK_ID
+    stages = frozenset({Stage.MAIL, Stage.RCPT, Stage.DATA})
+
+    def __init__(
+        self, config: LimitsConfig, store: LimitStore, overrides: OverrideSource | None
+    ) -> None:
+        self.config = config
+        self.store = store
+        self.overrides = overrides
+
+    # -- which limits apply ------------------------------------------------------------------------
+    async def _limits(self, txn: Transaction) -> list[_Limit]:
+        login = txn.session.login
+        domain = txn.mail_from.rpartition("@")[2].lower() if "@" in txn.mail_from else ""
+        return await resolve_limits(
+            self.config, self.overrides, login=login, client_ip=txn.session.client_ip, domain=domain
+        )
+
+    # -- the check ---------------------------------------------------------------------------------
+    async def evaluate(self, stage: Stage, txn: Transaction, rcpt: Recipient | None) -> Verdict:
+        limits = await self._limits(txn)
+        if not limits:
+            return CONTINUE
+        try:
+            return await self._evaluate(stage, txn, rcpt, limits)
+        except StoreUnavailable as exc:
+            if all(lim.rule.fail_open for lim in limits):
+                log.warning("limit store unavailable, failing open txn=%s: %s", txn.id, exc)
+                return CONTINUE
+            raise
+
+    async def _evaluate(
+        self, stage: Stage, txn: Transaction, rcpt: Recipient | None, limits: list[_Limit]
+    ) -> Verdict:
+        accepted = [r.address for r in txn.accepted if r is not rcpt]
+        charges: list[Charge] = []
+        distinct: list[_Limit] = []
+        for lim in limits:
+            quantity = lim.rule.quantity
+            if quantity == "distinct-recipients":
+                distinct.append(lim)
+                continue
+            if stage is Stage.MAIL:
+                amount = (
+                    1
+                    if quantity == "messages"
+                    else (txn.declared_size or 0 if quantity == "bytes" else 0)
+                )
+            elif stage is Stage.RCPT:
+                amount = len(accepted) + 1 if quantity == "recipients" else 0
+            else:
+                amount = {
+                    "messages": 1,
+                    "recipients": len(accepted),
+                    "bytes": txn.size or 0,
+                }[quantity]
+            if amount:
+                charges.extend(Charge(lim.key, tier, amount) for tier in lim.tiers)
+        charge = stage is Stage.DATA
+        if charges:
+            decision = await self.store.acquire(charges, dry_run=not charge)
+            if not decision.allowed:
+                return self._over(stage, decision, limits)
+        for lim in distinct:
+            members = accepted + ([rcpt.address.lower()] if rcpt is not None else [])
+            if stage is Stage.MAIL or not members:
+                continue
+            tier = lim.tiers[0]
+            result = await self.store.distinct(
+                lim.key,
+                [m.lower() for m in members],
+                tier.period,
+                limit=tier.limit,
+                dry_run=not charge,
+            )
+            if not result.allowed:
+                if charges and charge:
+                    await self.store.refund(charges)
+                return self._verdict(
+                    stage, lim.id, tier, result.count_after, tier.period, never=False
+                )
+        if charge and charges:
+            txn.check_state[CHECK_ID] = charges
+        return CONTINUE
+
+    def _over(self, stage: Stage, decision: Decision, limits: list[_Limit]) -> Verdict:
+        limit_id = decision.tier_id.split("#", 1)[0]
+        tier = next(t for lim in limits for t in lim.tiers if t.id == decision.tier_id)
+        return self._verdict(
+            stage, limit_id, tier, decision.measured, decision.retry_after, never=decision.never
+        )
+
+    def _verdict(
+        self, stage: Stage, limit_id: str, tier: Tier, measured: float, retry: float, *, never: bool
+    ) -> Verdict:
+        evidence = {"measured": f"{measured:g}", "limit": describe_tier(tier)}
+        if never:
+            return Verdict.reject(
+                replies.RATE_LIMIT_NEVER.format(limit=limit_id),
+                f"{limit_id}: request larger than the limit's capacity",
+                **evidence,
+            )
+        seconds = max(1, math.ceil(retry)) if math.isfinite(retry) else int(tier.period)
+        reply = replies.RATE_LIMITED_EOM if stage is Stage.DATA else replies.RATE_LIMITED
+        return Verdict.defer(
+            reply.format(limit=limit_id, retry=seconds),
+            f"{limit_id} exceeded ({evidence['measured']} > {evidence['limit']}); "
+            f"admits again in {seconds}s",
+            **evidence,
+        )
+
+    async def finish(self, txn: Transaction, delivered: bool) -> None:
+        """After the relay: give the end-of-data charge back if the mail was not accepted."""
+        charges = txn.check_state.pop(CHECK_ID, None)
+        if isinstance(charges, list) and charges and not delivered:
+            try:
+                await self.store.refund(charges)
+            except StoreUnavailable as exc:
+                log.warning("could not refund rate-limit charge txn=%s: %s", txn.id, exc)
+
+
+def _factory(options: Any, deps: Any) -> RateLimit:
+    return RateLimit(deps.config.limits, deps.limit_store, deps.policy_state)
+
+
+SPEC = CheckSpec(
+    id=CHECK_ID,
+    stages=RateLimit.stages,
+    options=Options,
+    factory=_factory,
+    doc="Rate limits per login, client IP and sender domain (see [limits]).",
+)

@@ -1,0 +1,1 @@
+"""Operator-managed policy state kept in the database (time-boxed limit overrides, ...)."""

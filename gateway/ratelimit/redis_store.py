@@ -1,0 +1,495 @@
+"""Redis limit store: counts shared by every gateway instance (``limits.store = "redis://..."``).
+
+What it does: implements :class:`~gateway.ratelimit.store.LimitStore` on Redis (>= 5) with one
+atomic Lua script per operation, registered once and called with EVALSHA (re-loaded on NOSCRIPT):
+``acquire`` charges all its buckets in one script call (a port of
+:func:`gateway.ratelimit.gcra.plan`), ``refund``, ``usage`` (reads), ``distinct`` (a sorted set
+scored by time: prune, count, add) and ``incr`` (create-with-expiry then add). Flags are single
+commands (``SET .. PX`` / ``PTTL``), atomic by themselves. Every script reads the clock with
+``redis.call('TIME')``: all instances share the Redis server's clock, never their own.
+
+Every key is ``<prefix><name>`` (``prefix`` default ``mw:rl:``; names as in
+:mod:`gateway.ratelimit.store`) and expires by itself: a bucket when it would be empty again, a
+distinct set ``window`` after its newest member, a counter ``window`` after its creation, a flag
+after its ttl. A bucket's value is ``"<level> <updated>"`` (units in use, server time in seconds,
+both ``%.17g``). All keys of one call go to one server: Redis Cluster is not supported (use a
+single primary, with Sentinel or a managed failover if needed).
+
+Connections: a pool of at most ``max_connections`` (default 64), speaking RESP2; a FIFO semaphore
+admits at most that many calls at once, so under load calls queue fairly instead of failing.
+Acquire and refund pass their charges as one argument and get one string back (one reply line):
+per-argument encoding and per-line parsing are most of redis-py's cost per call.
+
+This module is the only importer of ``redis``. Every redis-py exception (connection refused,
+timeout, script error) and socket error becomes
+:class:`~gateway.ratelimit.store.LimitStoreUnavailable` here. ``timeout`` (default 0.5 s) bounds the
+wait for a free connection, the connect and each read, and nothing is retried (a retried acquire
+could charge twice), so a dead or hung Redis costs a call about one to two timeouts, never more.
+
+Reads: the Redis server at ``url`` (credentials and TLS as in the URL: ``redis://``,
+``rediss://``, ``unix://``).
+
+Security notes: the URL may carry a password; it is never logged or put in an error (errors name
+``scheme://host:port/db`` only). Distinct members are hashed before they are sent
+(:func:`~gateway.ratelimit.store.hash_member`): Redis never holds a raw address or IP. Keys hold
+what the caller chose (logins, client networks, domains). ``reset`` uses SCAN (never KEYS).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import math
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, TypeVar
+from urllib.parse import urlsplit
+
+from redis.asyncio import ConnectionPool, Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import RedisError
+
+from gateway.ratelimit import gcra
+from gateway.ratelimit.store import (
+    Charge,
+    Decision,
+    DistinctResult,
+    LimitStoreUnavailable,
+    Remaining,
+    StoredEntry,
+    Tier,
+    TierUsage,
+    bucket_name,
+    check_amount,
+    check_limit,
+    check_window,
+    counter_name,
+    distinct_name,
+    flag_name,
+    hashed_members,
+    kind_of,
+    matches_prefix,
+)
+
+T = TypeVar("T")
+
+# Shared Lua prelude: server time and reading a bucket (a port of gcra.drained).
+_PRELUDE = """
+local EPS = 1e-9
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+local function fmt(x) return string.format('%.17g', x) end
+local function level_of(k, interval)
+  local raw = redis.call('GET', k)
+  if not raw then return 0 end
+  local l, u = string.match(raw, '^(%S+) (%S+)$')
+  l = tonumber(l)
+  u = tonumber(u)
+  if not l or not u then return 0 end
+  local elapsed = now - u
+  if elapsed > 0 then l = l - elapsed / interval end
+  if l > EPS then return l end
+  return 0
+end
+local function write(levels, ttls)
+  for k, level in pairs(levels) do
+    if level > EPS then
+      redis.call('SET', k, fmt(level) .. ' ' .. fmt(now),
+                 'PX', math.max(1, math.ceil(ttls[k] * 1000)))
+    else
+      redis.call('DEL', k)
+    end
+  end
+end
+"""
+
+ACQUIRE_LUA = (
+    _PRELUDE
+    + """
+-- acquire: all-or-nothing GCRA charges, a port of gateway.ratelimit.gcra.plan.
+-- KEYS[i]: bucket of charge i (a bucket may repeat; later charges see the earlier ones).
+-- ARGV[1]: words "<dry> <interval_1> <capacity_1> <amount_1> ..." (dry: 1 = dry run; seconds).
+-- Returns one string (one reply line, cheap to parse):
+--   allowed: "1 <remaining_1> <reset_after_1> ...", written unless dry run;
+--   denied:  "0 <index, 0-based> <measured> <capacity> <retry_after> <reset_after> <never 0|1>",
+--            nothing written. Durations are %.17g ("inf" when never).
+local a = {}
+for w in string.gmatch(ARGV[1], '%S+') do a[#a + 1] = w end
+local levels, initial, asked, ttls = {}, {}, {}, {}
+local out = {'1'}
+local denied = nil
+local retry = 0
+local never = false
+for i = 1, #KEYS do
+  local k = KEYS[i]
+  local interval = tonumber(a[3 * i - 1])
+  local capacity = tonumber(a[3 * i])
+  local amount = tonumber(a[3 * i + 1])
+  local level = levels[k]
+  if level == nil then
+    level = level_of(k, interval)
+    initial[k] = level
+  end
+  local after = level + amount
+  levels[k] = after
+  asked[k] = (asked[k] or 0) + amount
+  ttls[k] = after * interval
+  if after > capacity + EPS then
+    if asked[k] > capacity then never = true end
+    local wait = (after - capacity) * interval
+    if wait > retry then retry = wait end
+    if denied == nil then
+      denied = {'0', i - 1, fmt(math.ceil(after - EPS)), fmt(capacity), '0',
+                fmt(initial[k] * interval), '0'}
+    end
+  elseif denied == nil then
+    out[#out + 1] = fmt(math.max(0, math.floor(capacity - after + EPS)))
+    out[#out + 1] = fmt(after * interval)
+  end
+end
+if denied ~= nil then
+  if never then
+    denied[5] = fmt(math.huge)
+    denied[7] = '1'
+  else
+    denied[5] = fmt(retry)
+  end
+  return table.concat(denied, ' ')
+end
+if a[1] ~= '1' then write(levels, ttls) end
+return table.concat(out, ' ')
+"""
+)
+
+REFUND_LUA = (
+    _PRELUDE
+    + """
+-- refund: give back charges (never below empty). KEYS[i]: bucket of charge i;
+-- ARGV[1]: words "<interval_1> <amount_1> ...".
+local a = {}
+for w in string.gmatch(ARGV[1], '%S+') do a[#a + 1] = w end
+local levels, ttls = {}, {}
+for i = 1, #KEYS do
+  local k = KEYS[i]
+  local interval = tonumber(a[2 * i - 1])
+  local level = levels[k]
+  if level == nil then level = level_of(k, interval) end
+  level = level - tonumber(a[2 * i])
+  if level <= EPS then level = 0 end
+  levels[k] = level
+  ttls[k] = level * interval
+end
+write(levels, ttls)
+return #KEYS
+"""
+)
+
+USAGE_LUA = """
+-- usage: the server time and the raw buckets (Python does the arithmetic).
+local t = redis.call('TIME')
+local out = {t[1], t[2]}
+for i = 1, #KEYS do out[#out + 1] = redis.call('GET', KEYS[i]) end
+return out
+"""
+
+DISTINCT_LUA = """
+-- distinct: members seen in a sliding window, in a sorted set scored by server time.
+-- KEYS[1]: the set; ARGV[1] window (s); ARGV[2] limit (-1: none); ARGV[3] '1' = dry run;
+-- ARGV[4..]: member hashes, already distinct. Returns {count_after, allowed, added}.
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+local k = KEYS[1]
+local window = tonumber(ARGV[1])
+local limit = tonumber(ARGV[2])
+redis.call('ZREMRANGEBYSCORE', k, '-inf', string.format('%.17g', now - window))
+local count = redis.call('ZCARD', k)
+local new = 0
+for i = 4, #ARGV do
+  if not redis.call('ZSCORE', k, ARGV[i]) then new = new + 1 end
+end
+local after = count + new
+if limit >= 0 and new > 0 and after > limit then return {after, 0, 0} end
+if ARGV[3] == '1' or #ARGV < 4 then return {after, 1, new} end
+local score = string.format('%.17g', now)
+local batch = {}
+for i = 4, #ARGV do
+  batch[#batch + 1] = score
+  batch[#batch + 1] = ARGV[i]
+  if #batch >= 1000 then
+    redis.call('ZADD', k, unpack(batch))
+    batch = {}
+  end
+end
+if #batch > 0 then redis.call('ZADD', k, unpack(batch)) end
+redis.call('PEXPIRE', k, math.max(1, math.ceil(window * 1000)))
+return {after, 1, new}
+"""
+
+INCR_LUA = """
+-- incr: a fixed-window counter. KEYS[1]; ARGV[1] amount; ARGV[2] window in ms.
+redis.call('SET', KEYS[1], 0, 'PX', ARGV[2], 'NX')
+return redis.call('INCRBY', KEYS[1], ARGV[1])
+"""
+
+_GLOB_SPECIAL = frozenset("\\*?[]")
+
+
+def _glob_escape(text: str) -> str:
+    return "".join("\\" + c if c in _GLOB_SPECIAL else c for c in text)
+
+
+def _ms(seconds: float) -> int:
+    return max(1, math.ceil(seconds * 1000))
+
+
+def _where(url: str) -> str:
+    """``scheme://host:port/db`` of a Redis URL, without credentials or query."""
+    try:
+        parts = urlsplit(url)
+        host = parts.hostname or ""
+        port = f":{parts.port}" if parts.port else ""
+    except ValueError:
+        return "redis"
+    return f"{parts.scheme}://{host}{port}{parts.path}"
+
+
+class RedisLimitStore:
+    """The Redis :class:`~gateway.ratelimit.store.LimitStore` (async; call :meth:`close`)."""
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        prefix: str = "mw:rl:",
+        timeout: float = 0.5,
+        max_connections: int = 64,
+    ) -> None:
+        timeout = check_window(timeout, "timeout")
+        self.prefix = prefix
+        self.timeout = timeout
+        self._where = _where(url)
+        if isinstance(max_connections, bool) or not isinstance(max_connections, int):
+            raise ValueError(f"max_connections must be an integer >= 1, got {max_connections!r}")
+        if max_connections < 1:
+            raise ValueError(f"max_connections must be an integer >= 1, got {max_connections!r}")
+        # At most max_connections calls are in flight: a FIFO semaphore hands out the slots
+        # (fair under load, unlike the pool's own blocking wait), so the pool never runs dry.
+        self._slots = asyncio.Semaphore(max_connections)
+        pool = ConnectionPool.from_url(
+            url,
+            max_connections=max_connections,
+            socket_timeout=timeout,
+            socket_connect_timeout=timeout,
+            retry=Retry(NoBackoff(), 0),
+            protocol=2,  # RESP2: no HELLO, so any Redis >= 5 will do
+            health_check_interval=0,
+        )
+        self._redis: Redis = Redis.from_pool(pool)
+        self._acquire = self._redis.register_script(ACQUIRE_LUA)
+        self._refund = self._redis.register_script(REFUND_LUA)
+        self._usage = self._redis.register_script(USAGE_LUA)
+        self._distinct = self._redis.register_script(DISTINCT_LUA)
+        self._incr = self._redis.register_script(INCR_LUA)
+
+    def __repr__(self) -> str:
+        return f"RedisLimitStore({self._where!r}, prefix={self.prefix!r})"
+
+    # -- plumbing ---------------------------------------------------------------------------------
+    def _unavailable(self, op: str, exc: BaseException, detail: str = "") -> LimitStoreUnavailable:
+        return LimitStoreUnavailable(
+            f"limit store {self._where}: {op} failed: {type(exc).__name__}: {detail or exc}"
+        )
+
+    async def _call(self, op: str, call: Callable[[], Awaitable[T]]) -> T:
+        """Run ``call()`` in a connection slot; every failure becomes LimitStoreUnavailable."""
+        slots = self._slots
+        if slots.locked():  # all connections busy: wait in line, at most ``timeout``
+            try:
+                async with asyncio.timeout(self.timeout):
+                    await slots.acquire()
+            except TimeoutError as exc:
+                raise self._unavailable(op, exc, "no free connection within the timeout") from exc
+        else:
+            await slots.acquire()  # returns at once
+        try:
+            return await call()
+        except (RedisError, OSError) as exc:
+            raise self._unavailable(op, exc) from exc
+        finally:
+            slots.release()
+
+    def _list(self, op: str, reply: Any) -> list[Any]:
+        if not isinstance(reply, list):
+            raise self._unavailable(op, TypeError(f"unexpected reply {type(reply).__name__}"))
+        return reply
+
+    def _words(self, op: str, reply: Any) -> list[bytes]:
+        if not isinstance(reply, bytes):
+            raise self._unavailable(op, TypeError(f"unexpected reply {type(reply).__name__}"))
+        return reply.split()
+
+    def _key(self, name: str) -> str:
+        return self.prefix + name
+
+    # -- GCRA -------------------------------------------------------------------------------------
+    async def acquire(self, charges: Sequence[Charge], *, dry_run: bool = False) -> Decision:
+        if not charges:
+            return Decision(True)
+        keys = [self._key(bucket_name(c.key, c.tier.id)) for c in charges]
+        words = ["1" if dry_run else "0"]
+        for c in charges:
+            words += (repr(c.tier.interval), str(c.tier.capacity), str(c.amount))
+        reply = await self._call(
+            "acquire", lambda: self._acquire(keys=keys, args=[" ".join(words)])
+        )
+        r = self._words("acquire", reply)
+        if r[0] == b"0":
+            index = int(r[1])
+            denied = charges[index]
+            return Decision(
+                False,
+                key=denied.key,
+                tier_id=denied.tier.id,
+                index=index,
+                measured=int(float(r[2])),
+                limit=int(float(r[3])),
+                retry_after=float(r[4]),
+                reset_after=float(r[5]),
+                never=r[6] == b"1",
+            )
+        return Decision(
+            True,
+            remaining=tuple(
+                Remaining(c.key, c.tier.id, int(float(r[1 + 2 * i])), float(r[2 + 2 * i]))
+                for i, c in enumerate(charges)
+            ),
+        )
+
+    async def refund(self, charges: Sequence[Charge]) -> None:
+        if not charges:
+            return
+        keys = [self._key(bucket_name(c.key, c.tier.id)) for c in charges]
+        words = " ".join(f"{c.tier.interval!r} {c.amount}" for c in charges)
+        await self._call("refund", lambda: self._refund(keys=keys, args=[words]))
+
+    async def usage(self, key: str, tiers: Sequence[Tier]) -> list[TierUsage]:
+        keys = [self._key(bucket_name(key, tier.id)) for tier in tiers]
+        r = self._list("usage", await self._call("usage", lambda: self._usage(keys=keys)))
+        now = int(r[0]) + int(r[1]) / 1000000
+        out = []
+        for tier, raw in zip(tiers, r[2:], strict=True):
+            level = 0.0
+            if raw:
+                parts = bytes(raw).split()
+                if len(parts) == 2:
+                    level = gcra.drained(float(parts[0]), float(parts[1]), now, tier.interval)
+            out.append(
+                TierUsage(
+                    tier.id,
+                    gcra.used(level),
+                    tier.capacity,
+                    gcra.remaining(level, tier.capacity),
+                    level * tier.interval,
+                )
+            )
+        return out
+
+    async def reset(self, key_prefix: str) -> int:
+        pattern = _glob_escape(self.prefix + key_prefix) + "*"
+        cut = len(self.prefix)
+
+        async def scan_and_unlink() -> int:
+            deleted = 0
+            batch: list[bytes] = []
+            async for raw in self._redis.scan_iter(match=pattern, count=1000):
+                if matches_prefix(bytes(raw)[cut:].decode("utf-8", "replace"), key_prefix):
+                    batch.append(bytes(raw))
+                if len(batch) >= 500:
+                    deleted += int(await self._redis.unlink(*batch))
+                    batch = []
+            if batch:
+                deleted += int(await self._redis.unlink(*batch))
+            return deleted
+
+        return await self._call("reset", scan_and_unlink)
+
+    # -- distinct members -------------------------------------------------------------------------
+    async def distinct(
+        self,
+        key: str,
+        members: Sequence[str],
+        window: float,
+        *,
+        limit: int | None = None,
+        dry_run: bool = False,
+    ) -> DistinctResult:
+        name = distinct_name(key)
+        window = check_window(window)
+        check_limit(limit)
+        hashes = hashed_members(key, members)
+        args: list[Any] = [repr(window), -1 if limit is None else limit, "1" if dry_run else "0"]
+        keys = [self._key(name)]
+        reply = await self._call("distinct", lambda: self._distinct(keys=keys, args=args + hashes))
+        r = self._list("distinct", reply)
+        return DistinctResult(int(r[0]), bool(r[1]), int(r[2]))
+
+    # -- counters and flags -----------------------------------------------------------------------
+    async def incr(self, key: str, amount: int, window: float) -> int:
+        name = counter_name(key)
+        check_amount(amount, "counter amount")
+        window = check_window(window)
+        keys, args = [self._key(name)], [amount, _ms(window)]
+        result: Any = await self._call("incr", lambda: self._incr(keys=keys, args=args))
+        return int(result)
+
+    async def get(self, key: str) -> int:
+        name = counter_name(key)
+        value: Any = await self._call("get", lambda: self._redis.get(self._key(name)))
+        return int(value) if value is not None else 0
+
+    async def set_flag(self, key: str, ttl: float) -> None:
+        name = flag_name(key)
+        ttl = check_window(ttl, "flag ttl")
+        await self._call("set_flag", lambda: self._redis.set(self._key(name), b"1", px=_ms(ttl)))
+
+    async def get_flag(self, key: str) -> float | None:
+        name = flag_name(key)
+        ms: Any = await self._call("get_flag", lambda: self._redis.pttl(self._key(name)))
+        ms = int(ms)
+        if ms == -2:
+            return None
+        return math.inf if ms < 0 else ms / 1000
+
+    # -- diagnostics ------------------------------------------------------------------------------
+    async def inspect(self) -> dict[str, StoredEntry]:
+        """Every key under this store's prefix by name (prefix removed), with its PTTL and stored
+        bytes (tests, debugging; SCANs the keyspace: not for the hot path)."""
+        cut = len(self.prefix)
+
+        async def scan() -> dict[str, StoredEntry]:
+            out: dict[str, StoredEntry] = {}
+            async for raw in self._redis.scan_iter(match=_glob_escape(self.prefix) + "*"):
+                rkey = bytes(raw)
+                name = rkey[cut:].decode("utf-8", "replace")
+                kind = kind_of(name)
+                ms = int(await self._redis.pttl(rkey))
+                if ms == -2:
+                    continue
+                if kind == "distinct":
+                    members: list[Any] = await self._redis.zrange(rkey, 0, -1)
+                    data = b"".join(members)
+                else:
+                    value: Any = await self._redis.get(rkey)
+                    data = value if value is not None else b""
+                out[name] = StoredEntry(kind, math.inf if ms < 0 else ms / 1000, data)
+            return out
+
+        return await self._call("inspect", scan)
+
+    # -- lifecycle --------------------------------------------------------------------------------
+    async def ping(self) -> None:
+        await self._call("ping", lambda: self._redis.ping())
+
+    async def close(self) -> None:
+        with contextlib.suppress(RedisError, OSError):  # a dead connection: nothing to release
+            await self._redis.aclose()
