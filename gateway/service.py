@@ -22,6 +22,7 @@ from __future__ import annotations
 import ipaddress
 import logging
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from email.utils import format_datetime
 
@@ -145,15 +146,29 @@ class Gateway:
 
     # -- AUTH ----------------------------------------------------------------------------------
     async def on_auth(self, session: Session, mechanism: str, login: str, password: str) -> Reply:
+        # the AUTH-stage checks (auth-throttle) see the attempt before the password is verified
+        attempt = Transaction(session=session, mail_from="", id=f"{session.id}.auth")
+        attempt.auth_login = login
+        verdict = await self.pipeline.run(Stage.AUTH, attempt)
+        if verdict.decisive and verdict.reply is not None:
+            log.info("AUTH refused by policy session=%s ip=%s", session.id, session.client_ip)
+            await self._session_event(
+                session, "auth-throttled", f"AUTH {mechanism}", login, attempt.verdicts
+            )
+            # AUTH's temporary failure is 454 (RFC 4954), also when a check failed (on_error)
+            return verdict.reply if verdict.reply.code == 454 else replies.AUTH_TEMPFAIL
         try:
             identity = await self.accounts.authenticate(login, password)
         except CredentialStoreUnavailable as exc:
             log.error("credential store unavailable session=%s: %s", session.id, exc)
             await self._session_event(session, "auth-tempfail", "credential store down", login)
             return replies.AUTH_TEMPFAIL
+        await self.pipeline.auth_result(attempt, identity is not None)  # may tarpit a failure
         if identity is None:
             log.info("AUTH %s failed session=%s ip=%s", mechanism, session.id, session.client_ip)
-            await self._session_event(session, "auth-failure", f"AUTH {mechanism}", login)
+            await self._session_event(
+                session, "auth-failure", f"AUTH {mechanism}", login, attempt.verdicts
+            )
             return replies.AUTH_FAILED
         session.identity = identity
         log.info("AUTH %s ok session=%s login=%s", mechanism, session.id, identity.login)
@@ -460,10 +475,15 @@ class Gateway:
         await self.audit.record_transaction(txn, outcome)
 
     async def _session_event(
-        self, session: Session, kind: str, detail: str, login: str | None = None
+        self,
+        session: Session,
+        kind: str,
+        detail: str,
+        login: str | None = None,
+        verdicts: Sequence[VerdictRecord] = (),
     ) -> None:
         try:
-            await self.audit.record_session_event(session, kind, detail, login)
+            await self.audit.record_session_event(session, kind, detail, login, verdicts)
         except AuditUnavailable as exc:
             log.error("audit unavailable for %s event session=%s: %s", kind, session.id, exc)
 

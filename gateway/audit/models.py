@@ -25,7 +25,15 @@ from sqlalchemy.orm import Mapped, mapped_column
 from gateway.db.base import Base, BigIntId, UtcDateTime
 
 #: Record kinds: a message transaction or a session-level event.
-KINDS = ("message", "auth-failure", "auth-tempfail", "dropped", "refused", "timeout")
+KINDS = (
+    "message",
+    "auth-failure",
+    "auth-tempfail",
+    "auth-throttled",
+    "dropped",
+    "refused",
+    "timeout",
+)
 SESSION_EVENT_KINDS = KINDS[1:]
 #: Outcomes of message records ("relaying" until finish_message completes the record).
 OUTCOMES = ("relaying", "delivered", "rejected", "deferred", "failed", "aborted", "dropped")

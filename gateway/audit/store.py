@@ -61,7 +61,7 @@ from gateway.audit.models import (
 )
 from gateway.core import replies
 from gateway.core.errors import AuditUnavailable
-from gateway.core.model import Session, Transaction, new_id, utcnow
+from gateway.core.model import Session, Transaction, VerdictRecord, new_id, utcnow
 from gateway.db.engine import (
     DB_ERRORS,
     DetachedTimeouts,
@@ -158,7 +158,7 @@ def _recipient_rows(txn: Transaction) -> list[dict[str, Any]]:
     ]
 
 
-def _verdict_rows(txn: Transaction) -> list[dict[str, Any]]:
+def _verdict_rows(verdicts: Sequence[VerdictRecord]) -> list[dict[str, Any]]:
     return [
         {
             "position": i,
@@ -173,7 +173,7 @@ def _verdict_rows(txn: Transaction) -> list[dict[str, Any]]:
             "measured": _text(v.measured),
             "limit": _text(v.limit),
         }
-        for i, v in enumerate(txn.verdicts)
+        for i, v in enumerate(verdicts)
     ]
 
 
@@ -372,7 +372,7 @@ class SqlAuditStore:
             "insert",
             _message_columns(txn, "relaying", None),
             recipients=_recipient_rows(txn),
-            verdicts=_verdict_rows(txn),
+            verdicts=_verdict_rows(txn.verdicts),
             skip_if_abandoned=True,
         )
         return await self._submit(write)
@@ -385,7 +385,7 @@ class SqlAuditStore:
             "finish",
             {key: columns[key] for key in _FINISH_COLUMNS},
             recipients=_recipient_rows(txn),
-            verdicts=_verdict_rows(txn),
+            verdicts=_verdict_rows(txn.verdicts),
             record_id=audit_id,
         )
         await self._submit(write)
@@ -397,15 +397,21 @@ class SqlAuditStore:
             "insert",
             _message_columns(txn, outcome, utcnow()),
             recipients=_recipient_rows(txn),
-            verdicts=_verdict_rows(txn),
+            verdicts=_verdict_rows(txn.verdicts),
         )
         await self._submit(write)
 
     async def record_session_event(
-        self, session: Session, kind: str, detail: str, login: str | None = None
+        self,
+        session: Session,
+        kind: str,
+        detail: str,
+        login: str | None = None,
+        verdicts: Sequence[VerdictRecord] = (),
     ) -> None:
-        """A session-level event ("auth-failure", "auth-tempfail", "dropped", "refused",
-        "timeout"); ``login`` overrides the session's (e.g. the login that failed)."""
+        """A session-level event ("auth-failure", "auth-tempfail", "auth-throttled", "dropped",
+        "refused", "timeout"); ``login`` overrides the session's (e.g. the login that failed);
+        ``verdicts`` are the check verdicts that explain it (e.g. auth-throttle's)."""
         if kind not in SESSION_EVENT_KINDS:
             raise ValueError(f"invalid audit event kind {kind!r}")
         now = utcnow()
@@ -427,7 +433,7 @@ class SqlAuditStore:
             "detail": _text(detail, DETAIL_LIMIT),
             "incident": None,
         }
-        await self._submit(self._new_write("insert", record))
+        await self._submit(self._new_write("insert", record, verdicts=_verdict_rows(verdicts)))
 
     # --- group-commit writer ---------------------------------------------------------------------
 

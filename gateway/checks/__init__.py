@@ -3,6 +3,7 @@
 ``SPECS`` lists every check Mailward ships; the registry builds pipelines from it.
 """
 
+from gateway.checks.auth_throttle import SPEC as AUTH_THROTTLE
 from gateway.checks.message_size import SPEC as MESSAGE_SIZE
 from gateway.checks.rate_limit import SPEC as RATE_LIMIT
 from gateway.checks.recipient_limit import SPEC as RECIPIENT_LIMIT
@@ -10,7 +11,7 @@ from gateway.checks.sender_identity import SPEC as SENDER_IDENTITY
 from gateway.pipeline.registry import CheckSpec
 
 SPECS: dict[str, CheckSpec] = {
-    s.id: s for s in (SENDER_IDENTITY, RECIPIENT_LIMIT, MESSAGE_SIZE, RATE_LIMIT)
+    s.id: s for s in (AUTH_THROTTLE, SENDER_IDENTITY, RECIPIENT_LIMIT, MESSAGE_SIZE, RATE_LIMIT)
 }
 
 __all__ = ["SPECS"]

@@ -14,7 +14,6 @@ import argparse
 from typing import Any
 
 from gateway.cli.common import EXIT_OK, load
-from gateway.core.model import Stage
 
 
 def register(sub: Any) -> None:
@@ -34,8 +33,6 @@ def handle_show(args: argparse.Namespace) -> int:
         "fixed gate (always first, not configurable): relaying requires AUTH or a trusted network"
     )
     for stage, checks in pipeline.describe().items():
-        if stage is Stage.AUTH:
-            continue
         print(f"\n[{stage.value}]")
         if not checks:
             print("  (no checks)")

@@ -248,6 +248,9 @@ class PipelineConfig:
         "`soft_bounce`, for safe roll-outs. Authentication and protocol errors are not affected.",
     )
     connect: list[str] = doc_field([], "Check ids run when a client connects, in order.")
+    auth: list[str] = doc_field(
+        [], "Check ids run at each AUTH attempt, before the password is verified, in order."
+    )
     mail: list[str] = doc_field([], "Check ids run at MAIL FROM, in order.")
     rcpt: list[str] = doc_field([], "Check ids run at each RCPT TO, in order (per recipient).")
     data: list[str] = doc_field([], "Check ids run at end of data (whole message), in order.")

@@ -208,6 +208,8 @@ class Transaction:
     queue_id: str | None = None
     final_reply: str | None = None
     incident: str | None = None
+    # at the AUTH stage the "transaction" is the authentication attempt: the login tried
+    auth_login: str | None = None
     # per-check scratch space, keyed by check id (e.g. the rate-limit charge to refund)
     check_state: dict[str, object] = field(default_factory=dict)
 

@@ -14,10 +14,11 @@ their boundary; callers here only ever see GatewayError subclasses (or a bug).
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from gateway.core.model import Identity, Session, Transaction
+from gateway.core.model import Identity, Session, Transaction, VerdictRecord
 
 _ENHANCED = re.compile(r"^([245])\.(\d{1,3})\.(\d{1,3})\b\s*")
 _QUEUE_ID = re.compile(r"(?:queued as|id=|queue id:?)\s*<?([A-Za-z0-9._-]+)", re.IGNORECASE)
@@ -80,10 +81,16 @@ class AuditSink(Protocol):
         ...
 
     async def record_session_event(
-        self, session: Session, kind: str, detail: str, login: str | None = None
+        self,
+        session: Session,
+        kind: str,
+        detail: str,
+        login: str | None = None,
+        verdicts: Sequence[VerdictRecord] = (),
     ) -> None:
         """A session-level event with no transaction: kind is "auth-failure", "auth-tempfail",
-        "dropped", "refused", "timeout". Raises AuditUnavailable."""
+        "auth-throttled", "dropped", "refused", "timeout"; ``verdicts`` explain it.
+        Raises AuditUnavailable."""
         ...
 
 

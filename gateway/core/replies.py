@@ -113,6 +113,7 @@ INTERNAL_ERROR = Reply(451, "4.3.0", "Internal error, try again later (incident 
 AUTH_OK = Reply(235, "2.7.0", "Authentication successful")
 AUTH_FAILED = Reply(535, "5.7.8", "Authentication credentials invalid")
 AUTH_TEMPFAIL = Reply(454, "4.7.0", "Temporary authentication failure, try again later")
+AUTH_THROTTLED = Reply(454, "4.7.0", "Too many failed authentications, try again later")
 AUTH_ENCRYPTION_REQUIRED = Reply(
     538, "5.7.11", "Encryption required for requested authentication mechanism"
 )

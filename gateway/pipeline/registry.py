@@ -60,7 +60,7 @@ def build_pipeline(
             raise ConfigError(source, f"checks.{check_id}", f"unknown check (known: {known})")
     built: dict[str, ConfiguredCheck] = {}
     stages: dict[Stage, list[ConfiguredCheck]] = {}
-    for stage in (Stage.CONNECT, Stage.MAIL, Stage.RCPT, Stage.DATA):
+    for stage in (Stage.CONNECT, Stage.AUTH, Stage.MAIL, Stage.RCPT, Stage.DATA):
         ids: list[str] = getattr(config.pipeline, stage.value)
         if len(set(ids)) != len(ids):
             raise ConfigError(source, f"pipeline.{stage.value}", "a check is listed twice")

@@ -111,6 +111,18 @@ class Pipeline:
             )
         return CONTINUE
 
+    async def auth_result(self, attempt: Transaction, success: bool) -> None:
+        """Tell AUTH-stage checks how the attempt ended (``record_auth``), e.g. to count failures
+        or to tarpit a failure before its 535 is sent."""
+        for configured in self._stages.get(Stage.AUTH, ()):
+            record = getattr(configured.check, "record_auth", None)
+            if record is None:
+                continue
+            try:
+                await record(attempt, success)
+            except Exception:
+                log.exception("check %s record_auth failed session=%s", configured.id, attempt.id)
+
     async def finish(self, txn: Transaction, delivered: bool) -> None:
         """Tell checks that keep per-transaction state how it ended (e.g. refund a charge).
 

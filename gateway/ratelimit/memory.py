@@ -39,6 +39,7 @@ from gateway.ratelimit.store import (
     TierUsage,
     bucket_name,
     check_amount,
+    check_key,
     check_limit,
     check_window,
     counter_name,
@@ -228,6 +229,7 @@ class MemoryLimitStore:
             self._write_level(name, level, level * interval, now)
 
     async def usage(self, key: str, tiers: Sequence[Tier]) -> list[TierUsage]:
+        check_key(key)
         now = self._now()
         out = []
         for tier in tiers:

@@ -61,6 +61,7 @@ from gateway.ratelimit.store import (
     TierUsage,
     bucket_name,
     check_amount,
+    check_key,
     check_limit,
     check_window,
     counter_name,
@@ -373,6 +374,7 @@ class RedisLimitStore:
         await self._call("refund", lambda: self._refund(keys=keys, args=[words]))
 
     async def usage(self, key: str, tiers: Sequence[Tier]) -> list[TierUsage]:
+        check_key(key)
         keys = [self._key(bucket_name(key, tier.id)) for tier in tiers]
         r = self._list("usage", await self._call("usage", lambda: self._usage(keys=keys)))
         now = int(r[0]) + int(r[1]) / 1000000

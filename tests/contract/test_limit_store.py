@@ -26,7 +26,7 @@ from gateway.ratelimit.store import (
     Tier,
     hash_member,
 )
-from tests.fixtures.limits import UNREACHABLE_REDIS_URL, silent_server
+from tests.fixtures.limits import UNREACHABLE_REDIS_URL, redis_server_url, silent_server
 
 HOUR = 3600.0
 
@@ -354,6 +354,37 @@ async def test_concurrent_distinct_with_limit_never_over_admits(limit_store: Lim
     )
     assert sum(r.allowed for r in results) == 25
     assert (await limit_store.distinct("k", [], 60.0)).count_after == 25
+
+
+async def test_calls_beyond_the_pool_queue_fairly(limit_backend: str, limit_prefix: str) -> None:
+    """More concurrent calls than connections: they wait their turn; none fails for want of one."""
+    url = redis_server_url()
+    store: LimitStore = (
+        RedisLimitStore(url, prefix=limit_prefix, timeout=0.5, max_connections=4)
+        if limit_backend == "redis" and url
+        else MemoryLimitStore()
+    )
+    try:
+        tier = Tier("t", 300, HOUR)
+        request = [Charge("k", tier, 1), Charge("k2", tier, 1)]
+        decisions = await asyncio.gather(*(store.acquire(request) for _ in range(400)))
+        assert sum(d.allowed for d in decisions) == 300
+    finally:
+        await store.reset("")
+        await store.close()
+
+
+async def test_scripts_are_reloaded_after_a_script_flush(limit_store: LimitStore) -> None:
+    tier = Tier("t", 5, HOUR)
+    assert (await limit_store.acquire(one("k", tier))).allowed
+    if isinstance(limit_store, RedisLimitStore):
+        await limit_store._redis.script_flush()  # as after a Redis restart or failover
+    assert (await limit_store.acquire(one("k", tier))).allowed
+    await limit_store.refund(one("k", tier))
+    assert (await limit_store.distinct("k", ["a"], 60.0)).added == 1
+    assert await limit_store.incr("k", 1, 60.0) == 1
+    [u] = await limit_store.usage("k", [tier])
+    assert u.used == 1
 
 
 # -- arguments ------------------------------------------------------------------------------------
