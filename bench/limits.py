@@ -86,6 +86,9 @@ async def drive(
     denied = 0
     stop = False
 
+    # The memory store never suspends: without an explicit yield one worker would run forever.
+    in_process = isinstance(store, MemoryLimitStore)
+
     async def worker(seed: int) -> None:
         nonlocal denied
         rng = random.Random(seed)
@@ -95,6 +98,8 @@ async def drive(
             decision = await store.acquire(charges)
             latencies.append(time.perf_counter() - started)
             denied += not decision.allowed
+            if in_process:
+                await asyncio.sleep(0)
 
     # warm-up: connections opened, scripts loaded, caches warm
     warm = [asyncio.create_task(worker(-i - 1)) for i in range(concurrency)]

@@ -19,7 +19,7 @@ import logging
 import signal
 import socket
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -27,14 +27,15 @@ from gateway.audit.store import SqlAuditStore
 from gateway.auth.store import SqlAccountStore
 from gateway.checks import SPECS
 from gateway.checks.rate_limit import LimitAdmin
-from gateway.config import Config, resolve_secret
+from gateway.config import Config, load_config, resolve_secret
 from gateway.control import ControlServer, socket_path
-from gateway.core.errors import GatewayError
+from gateway.core.errors import ConfigError, GatewayError
 from gateway.db.engine import create_engine
 from gateway.db.migrate import upgrade
 from gateway.pipeline.registry import build_pipeline
 from gateway.pipeline.runner import Pipeline
 from gateway.policystate.store import SqlPolicyState
+from gateway.quarantine.store import SqlQuarantine
 from gateway.ratelimit.memory import MemoryLimitStore
 from gateway.ratelimit.redis_store import RedisLimitStore
 from gateway.ratelimit.store import LimitStore
@@ -89,11 +90,13 @@ class Stores:
     accounts: SqlAccountStore
     audit: SqlAuditStore
     policy: SqlPolicyState
+    quarantine: SqlQuarantine
 
     async def close(self) -> None:
         await self.audit.close()
         await self.accounts.close()
         await self.policy.close()
+        await self.quarantine.close()
         await self.engine.dispose()
 
 
@@ -108,7 +111,8 @@ async def open_stores(config: Config, *, migrate: bool | None = None) -> Stores:
     )
     await audit.start()
     policy = SqlPolicyState(engine, timeout=config.database.timeout)
-    return Stores(engine, accounts, audit, policy)
+    quarantine = SqlQuarantine(engine, timeout=config.database.timeout)
+    return Stores(engine, accounts, audit, policy, quarantine)
 
 
 def gateway_hostname(config: Config) -> str:
@@ -119,8 +123,16 @@ class GatewayApp:
     """The running gateway: stores, relay, pipeline, service and listeners, started and stopped
     together. ``ports`` maps listener names to bound ports (useful with port 0)."""
 
-    def __init__(self, config: Config) -> None:
+    def __init__(
+        self,
+        config: Config,
+        *,
+        config_file: Path | None = None,
+        overrides: Mapping[str, Any] | None = None,
+    ) -> None:
         self.config = config
+        # where the configuration came from, to read it again on reload (SIGHUP)
+        self._source = (config_file, overrides)
         self.hostname = gateway_hostname(config)
         self.ports: dict[str, int] = {}
         self.stores: Stores | None = None
@@ -128,6 +140,7 @@ class GatewayApp:
         self.limit_store: LimitStore | None = None
         self.control: ControlServer | None = None
         self.context: ServerContext | None = None
+        self._background: set[asyncio.Task[None]] = set()
         self._servers: list[asyncio.Server] = []
 
     async def start(self) -> None:
@@ -161,6 +174,7 @@ class GatewayApp:
             accounts=self.stores.accounts,
             audit=self.stores.audit,
             relay=self.relay,
+            quarantine=self.stores.quarantine,
         )
         self.context = ServerContext(gateway)
         admin = LimitAdmin(config.limits, self.limit_store, self.stores.policy)
@@ -171,9 +185,16 @@ class GatewayApp:
         async def limit_reset(args: Mapping[str, Any]) -> Any:
             return await admin.reset(str(args["login"]))
 
+        async def policy_reload(args: Mapping[str, Any]) -> Any:
+            return await self.reload()
+
         self.control = ControlServer(
             socket_path(config.state_dir),
-            {"limit-status": limit_status, "limit-reset": limit_reset},
+            {
+                "limit-status": limit_status,
+                "limit-reset": limit_reset,
+                "policy-reload": policy_reload,
+            },
         )
         await self.control.start()
         handler = SmtpHandler(self.context)
@@ -253,12 +274,61 @@ class GatewayApp:
             await self.stores.close()
             self.stores = None
 
+    async def reload(self) -> str:
+        """Read the configuration and policy files again and swap in the new pipeline.
+
+        A file that fails validation leaves the previous policy in force (ConfigError is logged
+        and raised to the caller). Listeners, database, relay and limit store settings need a
+        restart; a change to them is reported, not applied."""
+        assert self.context is not None and self.stores is not None
+        path, overrides = self._source
+        try:
+            config = load_config(path, overrides)
+            pipeline = make_pipeline(
+                config,
+                str(path) if path else "configuration",
+                limit_store=self.limit_store,
+                policy_state=self.stores.policy,
+            )
+        except ConfigError as exc:
+            log.error("policy reload failed, the previous policy stays in force: %s", exc)
+            raise
+        fixed = [
+            name
+            for name in ("state_dir", "smtp", "tls", "database", "relay", "audit", "log")
+            if getattr(config, name) != getattr(self.config, name)
+        ]
+        if config.limits.store != self.config.limits.store:
+            fixed.append("limits.store")
+        self.context.gateway.pipeline = pipeline
+        self.config = replace(
+            self.config,
+            pipeline=config.pipeline,
+            checks=config.checks,
+            limits=replace(config.limits, store=self.config.limits.store),
+        )
+        message = "policy reloaded"
+        if fixed:
+            message += f"; changes to {', '.join(fixed)} need a restart and were not applied"
+        log.warning(message)
+        return message
+
+    def _reload_in_background(self) -> None:
+        async def run() -> None:
+            with contextlib.suppress(ConfigError):
+                await self.reload()
+
+        task = asyncio.get_running_loop().create_task(run())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
     async def serve_forever(self) -> None:
-        """Run until SIGTERM/SIGINT, then stop gracefully."""
+        """Run until SIGTERM/SIGINT, then stop gracefully; SIGHUP reloads the policy."""
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(signal.SIGHUP, self._reload_in_background)
         await self.start()
         try:
             await stop.wait()

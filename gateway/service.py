@@ -22,7 +22,7 @@ from __future__ import annotations
 import ipaddress
 import logging
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from email.utils import format_datetime
 
@@ -30,6 +30,7 @@ from gateway.core import replies
 from gateway.core.errors import (
     AuditUnavailable,
     CredentialStoreUnavailable,
+    StoreUnavailable,
     UpstreamError,
 )
 from gateway.core.message import (
@@ -50,7 +51,14 @@ from gateway.core.model import (
     VerdictRecord,
     utcnow,
 )
-from gateway.core.ports import AccountStore, AuditSink, Relay, UpstreamReply, UpstreamTransaction
+from gateway.core.ports import (
+    AccountStore,
+    AuditSink,
+    Quarantine,
+    Relay,
+    UpstreamReply,
+    UpstreamTransaction,
+)
 from gateway.core.replies import Reply
 from gateway.pipeline.runner import Pipeline
 
@@ -95,12 +103,14 @@ class Gateway:
         accounts: AccountStore,
         audit: AuditSink,
         relay: Relay,
+        quarantine: Quarantine,
     ) -> None:
         self.settings = settings
         self.pipeline = pipeline
         self.accounts = accounts
         self.audit = audit
         self.relay = relay
+        self.quarantine = quarantine
         self._admission = _Admission()
 
     # -- connection ----------------------------------------------------------------------------
@@ -294,7 +304,17 @@ class Gateway:
                     else RecipientStatus.FAILED
                 )
                 return await self._end_without_relay(exchange, verdict.reply, status)
-            reply, outcome = await self._audited_relay(exchange, content)
+            if verdict.action is Action.HOLD:
+                held_by = next(v for v in reversed(txn.verdicts) if v.action is Action.HOLD)
+                reply, _ = await self._audited(
+                    exchange,
+                    content,
+                    lambda wire: self._hold(exchange, wire, held_by.check_id, held_by.reason),
+                )
+                return reply
+            reply, outcome = await self._audited(
+                exchange, content, lambda wire: self._relay(exchange, wire)
+            )
             delivered = outcome == "delivered"
             return reply
         finally:
@@ -302,12 +322,17 @@ class Gateway:
             # upstream accepted the message
             await self.pipeline.finish(txn, delivered)
 
-    async def _audited_relay(self, exchange: Exchange, content: bytes) -> tuple[Reply, str]:
-        """Commit the audit record, relay, complete the record: (client reply, outcome)."""
+    async def _audited(
+        self,
+        exchange: Exchange,
+        content: bytes,
+        deliver: Callable[[bytes], Awaitable[tuple[Reply, str]]],
+    ) -> tuple[Reply, str]:
+        """Commit the audit record, deliver (relay or hold), complete the record:
+        (client reply, outcome)."""
         txn = exchange.txn
-        wire = (
-            self._received_header(txn) + content if self.settings.add_received_header else content
-        )
+        trace = self._received_header(txn) if self.settings.add_received_header else b""
+        wire = trace + b"".join(txn.prepend_headers) + content
         txn.final_reply = None
         try:
             audit_id = await self.audit.begin_message(txn)
@@ -318,7 +343,7 @@ class Gateway:
             txn.set_pending(RecipientStatus.DEFERRED, reply.line())
             exchange.finished = True
             return reply, "deferred"
-        reply, outcome = await self._relay(exchange, wire)
+        reply, outcome = await deliver(wire)
         txn.final_reply = reply.line()
         exchange.finished = True
         try:
@@ -364,6 +389,23 @@ class Gateway:
             txn.set_pending(RecipientStatus.DELIVERED, str(answer))
             return reply, "delivered"
         return self._fail_all(txn, self._map_upstream(answer))
+
+    async def _hold(
+        self, exchange: Exchange, wire: bytes, check_id: str, reason: str
+    ) -> tuple[Reply, str]:
+        """Quarantine instead of relaying: custody is the quarantine's committed row."""
+        txn = exchange.txn
+        await self._close_upstream(exchange)
+        try:
+            held_id = await self.quarantine.hold(txn, wire, check_id=check_id, reason=reason)
+        except StoreUnavailable as exc:
+            log.error("quarantine unavailable txn=%s: %s", txn.id, exc)
+            return self._fail_all(txn, replies.QUARANTINE_UNAVAILABLE)
+        txn.queue_id = f"Q{held_id}"
+        reply = replies.HELD_FOR_REVIEW.format(id=held_id, txn=txn.id)
+        txn.set_pending(RecipientStatus.HELD, reply.line())
+        log.warning("txn=%s held for review as Q%d by %s", txn.id, held_id, check_id)
+        return reply, "held"
 
     async def _late_recipients(self, exchange: Exchange) -> Reply | None:
         """verify_recipients = false: RCPT at the upstream now; any refusal refuses the message."""

@@ -1,4 +1,4 @@
-"""Alembic environment for Mailward's schema (accounts and audit).
+"""Alembic environment for Mailward's schema (accounts, audit, policy state, quarantine).
 
 What it does: runs the migration scripts on the connection handed over by
 :mod:`gateway.db.migrate` (``config.attributes["connection"]``, a sync connection obtained through
@@ -20,7 +20,8 @@ from sqlalchemy import Connection
 
 import gateway.audit.models
 import gateway.auth.models
-import gateway.policystate.models  # noqa: F401  (register the tables on the metadata)
+import gateway.policystate.models
+import gateway.quarantine.models  # noqa: F401  (register the tables on the metadata)
 from gateway.db.base import Base
 from gateway.db.engine import engine_for_url
 

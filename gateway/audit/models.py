@@ -36,7 +36,16 @@ KINDS = (
 )
 SESSION_EVENT_KINDS = KINDS[1:]
 #: Outcomes of message records ("relaying" until finish_message completes the record).
-OUTCOMES = ("relaying", "delivered", "rejected", "deferred", "failed", "aborted", "dropped")
+OUTCOMES = (
+    "relaying",
+    "delivered",
+    "held",
+    "rejected",
+    "deferred",
+    "failed",
+    "aborted",
+    "dropped",
+)
 
 
 class AuditRecordRow(Base):

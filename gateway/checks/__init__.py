@@ -8,10 +8,19 @@ from gateway.checks.message_size import SPEC as MESSAGE_SIZE
 from gateway.checks.rate_limit import SPEC as RATE_LIMIT
 from gateway.checks.recipient_limit import SPEC as RECIPIENT_LIMIT
 from gateway.checks.sender_identity import SPEC as SENDER_IDENTITY
+from gateway.checks.spam_score import SPEC as SPAM_SCORE
 from gateway.pipeline.registry import CheckSpec
 
 SPECS: dict[str, CheckSpec] = {
-    s.id: s for s in (AUTH_THROTTLE, SENDER_IDENTITY, RECIPIENT_LIMIT, MESSAGE_SIZE, RATE_LIMIT)
+    s.id: s
+    for s in (
+        AUTH_THROTTLE,
+        SENDER_IDENTITY,
+        RECIPIENT_LIMIT,
+        MESSAGE_SIZE,
+        SPAM_SCORE,
+        RATE_LIMIT,
+    )
 }
 
 __all__ = ["SPECS"]

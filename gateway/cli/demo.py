@@ -110,7 +110,7 @@ async def run_demo(config: Config, config_file: Path, outbox: Path, upstream_por
     finally:
         await stores.close()
 
-    app = GatewayApp(config)
+    app = GatewayApp(config, config_file=config_file)
     stop = asyncio.Event()
     try:
         await app.start()

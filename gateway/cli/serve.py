@@ -14,7 +14,7 @@ import argparse
 import asyncio
 from typing import Any
 
-from gateway.cli.common import EXIT_OK, load
+from gateway.cli.common import EXIT_OK, config_path, load
 
 
 def register(sub: Any) -> None:
@@ -28,5 +28,5 @@ def handle(args: argparse.Namespace) -> int:
 
     config = load(args)
     configure(config.log)
-    asyncio.run(GatewayApp(config).serve_forever())
+    asyncio.run(GatewayApp(config, config_file=config_path(args)).serve_forever())
     return EXIT_OK

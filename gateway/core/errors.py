@@ -55,6 +55,10 @@ class AuditUnavailable(StoreUnavailable):
     reply = replies.AUDIT_UNAVAILABLE
 
 
+class LimitStoreUnavailable(StoreUnavailable):
+    """The limit store could not be reached, timed out or failed: always temporary."""
+
+
 class UpstreamError(GatewayError):
     """The upstream relay failed. ``upstream_code``/``upstream_text`` keep what it said, if anything."""
 

@@ -18,6 +18,7 @@ import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from typing import Any
 
 from gateway.core.replies import Reply
 
@@ -45,6 +46,7 @@ class Action(enum.StrEnum):
     CONTINUE = "continue"
     DEFER = "defer"
     REJECT = "reject"
+    HOLD = "hold"  # end of data only: take custody (250) but quarantine for review
 
 
 class Mode(enum.StrEnum):
@@ -67,6 +69,8 @@ class Verdict:
     reason: str = ""
     measured: str | None = None
     limit: str | None = None
+    # header lines to prepend when the message is relayed or held (applied in enforce mode only)
+    headers: tuple[bytes, ...] = ()
 
     @property
     def decisive(self) -> bool:
@@ -77,13 +81,18 @@ class Verdict:
         return CONTINUE
 
     @classmethod
-    def defer(cls, reply: Reply, reason: str, **evidence: str | None) -> Verdict:
+    def defer(cls, reply: Reply, reason: str, **evidence: Any) -> Verdict:
         if not reply.is_temporary:
             raise ValueError(f"defer needs a 4xx reply, got {reply.code}")
         return cls(Action.DEFER, reply, reason, **evidence)
 
     @classmethod
-    def reject(cls, reply: Reply, reason: str, **evidence: str | None) -> Verdict:
+    def hold(cls, reason: str, **evidence: Any) -> Verdict:
+        """Quarantine the message (end of data): the service stores it and answers 250."""
+        return cls(Action.HOLD, None, reason, **evidence)
+
+    @classmethod
+    def reject(cls, reply: Reply, reason: str, **evidence: Any) -> Verdict:
         if reply.is_positive:
             raise ValueError("reject needs a 4xx/5xx reply")
         return cls(Action.REJECT, reply, reason, **evidence)
@@ -113,6 +122,7 @@ class RecipientStatus(enum.StrEnum):
     REJECTED = "rejected"  # refused at RCPT (by a check or by the upstream)
     DELIVERED = "delivered"  # upstream accepted the message for it
     DEFERRED = "deferred"  # temporary failure after RCPT; the client was told 4xx
+    HELD = "held"  # in quarantine for review; the client was told 250
     FAILED = "failed"  # permanent failure after RCPT; the client was told 5xx
     ABORTED = "aborted"  # the transaction ended (RSET/QUIT/drop) before delivery
 
@@ -210,6 +220,8 @@ class Transaction:
     incident: str | None = None
     # at the AUTH stage the "transaction" is the authentication attempt: the login tried
     auth_login: str | None = None
+    # header lines (CRLF-terminated bytes) checks ask the gateway to prepend when relaying
+    prepend_headers: list[bytes] = field(default_factory=list)
     # per-check scratch space, keyed by check id (e.g. the rate-limit charge to refund)
     check_state: dict[str, object] = field(default_factory=dict)
 

@@ -94,6 +94,13 @@ class AuditSink(Protocol):
         ...
 
 
+class Quarantine(Protocol):
+    async def hold(self, txn: Transaction, message: bytes, *, check_id: str, reason: str) -> int:
+        """Store the message durably for review (committed before it returns); its id.
+        Raises StoreUnavailable."""
+        ...
+
+
 class UpstreamTransaction(Protocol):
     async def rcpt(self, address: str) -> UpstreamReply:
         """RCPT TO at the upstream. Raises UpstreamError on connection failure."""

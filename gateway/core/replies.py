@@ -147,6 +147,9 @@ MESSAGE_ACCEPTED = Reply(250, "2.0.0", "Ok: queued as {queue_id} (transaction {t
 
 # --- policy / pipeline ----------------------------------------------------------------------------
 POLICY_TEMPFAIL = Reply(451, "4.3.0", "Temporary policy failure ({check}), try again later")
+SPAM_REJECTED = Reply(550, "5.7.1", "Message refused as spam (score {score})")
+SPAM_TEMPFAIL = Reply(451, "4.7.1", "Message deferred as suspected spam, try again later")
+MESSAGE_TOO_COMPLEX = Reply(554, "5.6.0", "Message structure too complex to scan")
 RATE_LIMITED = Reply(450, "4.7.1", "Rate limit {limit} exceeded, try again in {retry} s")
 RATE_LIMITED_EOM = Reply(451, "4.7.1", "Rate limit {limit} exceeded, try again in {retry} s")
 RATE_LIMIT_NEVER = Reply(552, "5.3.4", "Message exceeds the rate limit {limit} on its own")
@@ -159,6 +162,8 @@ UPSTREAM_TEMPFAIL = Reply(451, "4.4.3", "Upstream relay deferred: {upstream}")
 UPSTREAM_SMTPUTF8_UNSUPPORTED = Reply(553, "5.6.7", "Upstream relay does not support SMTPUTF8")
 UPSTREAM_8BIT_UNSUPPORTED = Reply(554, "5.6.3", "Upstream relay does not support 8BITMIME")
 AUDIT_UNAVAILABLE = Reply(451, "4.3.0", "Audit log unavailable, try again later")
+QUARANTINE_UNAVAILABLE = Reply(451, "4.3.0", "Quarantine unavailable, try again later")
+HELD_FOR_REVIEW = Reply(250, "2.0.0", "Ok: held for review as Q{id} (transaction {txn})")
 
 
 def catalog() -> dict[str, Reply]:

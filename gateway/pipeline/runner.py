@@ -65,6 +65,15 @@ class ConfiguredCheck:
         return cls(check, Mode(settings.mode), settings.timeout, OnError(settings.on_error))
 
 
+def _usable(verdict: object, stage: Stage) -> bool:
+    """A decisive verdict needs a 4xx/5xx reply; HOLD (no reply) exists only at end of data."""
+    if not isinstance(verdict, Verdict):
+        return False
+    if verdict.action is Action.HOLD:
+        return stage is Stage.DATA
+    return not verdict.decisive or (verdict.reply is not None and not verdict.reply.is_positive)
+
+
 class Pipeline:
     def __init__(
         self, stages: Mapping[Stage, Sequence[ConfiguredCheck]], *, soft_fail: bool = False
@@ -88,6 +97,8 @@ class Pipeline:
         """The stage's decision: CONTINUE or the first decisive enforced verdict."""
         for configured in self._stages.get(stage, ()):
             verdict = await self._evaluate(configured, stage, txn, rcpt)
+            if verdict.headers and configured.mode is Mode.ENFORCE:
+                txn.prepend_headers.extend(verdict.headers)
             if not verdict.decisive:
                 continue
             applied = configured.mode is Mode.ENFORCE
@@ -145,9 +156,7 @@ class Pipeline:
         try:
             async with asyncio.timeout(configured.timeout):
                 verdict = await configured.check.evaluate(stage, txn, rcpt)
-            if not isinstance(verdict, Verdict) or (
-                verdict.decisive and (verdict.reply is None or verdict.reply.is_positive)
-            ):
+            if not _usable(verdict, stage):
                 # a defective check is an error like any other: on_error applies, never pass
                 raise TypeError(f"check {configured.id} returned an unusable verdict")
             return verdict

@@ -15,16 +15,20 @@ after its ttl. A bucket's value is ``"<level> <updated>"`` (units in use, server
 both ``%.17g``). All keys of one call go to one server: Redis Cluster is not supported (use a
 single primary, with Sentinel or a managed failover if needed).
 
-Connections: a pool of at most ``max_connections`` (default 64), speaking RESP2; a FIFO semaphore
-admits at most that many calls at once, so under load calls queue fairly instead of failing.
-Acquire and refund pass their charges as one argument and get one string back (one reply line):
-per-argument encoding and per-line parsing are most of redis-py's cost per call.
+Throughput: script calls are pipelined. A call is queued; up to ``PIPELINES`` (4) senders each
+take up to ``BATCH`` (128) waiting calls and send them in one pipeline (one write, one read), so
+under load the per-call cost of redis-py (encoding, syscalls, event-loop turns) is shared by many
+calls; each script still runs atomically on its own. Acquire and refund pass their charges as one
+argument and get one string back (one reply line). A caller waits at most two ``timeout`` s for
+its answer; one cancelled before its call was sent withdraws it (nothing is charged). Other
+commands (flags, counters' reads) go straight through a pool of at most ``max_connections``
+(default 64, RESP2), which a FIFO semaphore guards so that callers queue fairly.
 
 This module is the only importer of ``redis``. Every redis-py exception (connection refused,
 timeout, script error) and socket error becomes
 :class:`~gateway.ratelimit.store.LimitStoreUnavailable` here. ``timeout`` (default 0.5 s) bounds the
 wait for a free connection, the connect and each read, and nothing is retried (a retried acquire
-could charge twice), so a dead or hung Redis costs a call about one to two timeouts, never more.
+could charge twice), so a dead or hung Redis costs a call at most about two timeouts.
 
 Reads: the Redis server at ``url`` (credentials and TLS as in the URL: ``redis://``,
 ``rediss://``, ``unix://``).
@@ -40,14 +44,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import math
+from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 from redis.asyncio import ConnectionPool, Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-from redis.exceptions import RedisError
+from redis.commands.core import AsyncScript
+from redis.exceptions import NoScriptError, RedisError
 
 from gateway.ratelimit import gcra
 from gateway.ratelimit.store import (
@@ -232,6 +239,31 @@ redis.call('SET', KEYS[1], 0, 'PX', ARGV[2], 'NX')
 return redis.call('INCRBY', KEYS[1], ARGV[1])
 """
 
+PIPELINES = 4
+"""Pipelines in flight at once; calls arriving meanwhile wait and go out together in the next."""
+BATCH = 128
+"""Script calls per pipeline at most."""
+
+
+@dataclass(slots=True)
+class _Request:
+    op: str
+    script: AsyncScript
+    keys: list[str]
+    args: list[Any]
+    future: asyncio.Future[Any]
+
+
+def _settle(request: _Request, outcome: Any) -> None:
+    """Hand a reply (or an exception) to a waiting caller, unless it gave up already."""
+    if request.future.done():
+        return
+    if isinstance(outcome, BaseException):
+        request.future.set_exception(outcome)
+    else:
+        request.future.set_result(outcome)
+
+
 _GLOB_SPECIAL = frozenset("\\*?[]")
 
 
@@ -255,7 +287,8 @@ def _where(url: str) -> str:
 
 
 class RedisLimitStore:
-    """The Redis :class:`~gateway.ratelimit.store.LimitStore` (async; call :meth:`close`)."""
+    """The Redis :class:`~gateway.ratelimit.store.LimitStore`. Constructing it connects to nothing;
+    it belongs to the event loop that first uses it, and :meth:`close` releases it."""
 
     def __init__(
         self,
@@ -291,6 +324,10 @@ class RedisLimitStore:
         self._usage = self._redis.register_script(USAGE_LUA)
         self._distinct = self._redis.register_script(DISTINCT_LUA)
         self._incr = self._redis.register_script(INCR_LUA)
+        self._pending: deque[_Request] = deque()
+        self._senders = 0
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._closed = False
 
     def __repr__(self) -> str:
         return f"RedisLimitStore({self._where!r}, prefix={self.prefix!r})"
@@ -319,6 +356,83 @@ class RedisLimitStore:
         finally:
             slots.release()
 
+    # -- script calls, pipelined -------------------------------------------------------------------
+    async def _eval(self, op: str, script: AsyncScript, keys: list[str], args: list[Any]) -> Any:
+        """EVALSHA ``script``: queued, and sent with whatever other calls are waiting in one
+        pipeline. Waits at most two timeouts; cancelling the caller before its call was sent
+        withdraws it (nothing is charged)."""
+        if self._closed:
+            raise LimitStoreUnavailable(f"limit store {self._where}: {op} after close()")
+        loop = asyncio.get_running_loop()
+        request = _Request(op, script, keys, args, loop.create_future())
+        self._pending.append(request)
+        if self._senders < PIPELINES:
+            self._senders += 1
+            task = loop.create_task(self._send_pending())
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+        try:
+            async with asyncio.timeout(2 * self.timeout):
+                return await request.future
+        except TimeoutError as exc:
+            raise self._unavailable(op, exc, "no answer within the timeout") from exc
+
+    async def _send_pending(self) -> None:
+        """One sender: while calls are waiting, send up to BATCH of them in one pipeline."""
+        try:
+            while self._pending:
+                batch: list[_Request] = []
+                while self._pending and len(batch) < BATCH:
+                    request = self._pending.popleft()
+                    if not request.future.done():  # its caller gave up: never sent
+                        batch.append(request)
+                if batch:
+                    await self._send(batch, reload=True)
+        finally:
+            self._senders -= 1
+
+    async def _send(self, batch: list[_Request], *, reload: bool) -> None:
+        try:
+            replies = await self._call("pipeline", lambda: self._pipeline(batch))
+        except LimitStoreUnavailable as exc:
+            cause = exc.__cause__ or exc
+            for request in batch:
+                _settle(request, self._unavailable(request.op, cause))
+            return
+        except asyncio.CancelledError:  # close(): nobody will answer these callers
+            for request in batch:
+                _settle(request, LimitStoreUnavailable(f"limit store {self._where}: closed"))
+            raise
+        unknown: list[_Request] = []
+        for request, reply in zip(batch, replies, strict=True):
+            if isinstance(reply, NoScriptError) and reload:
+                unknown.append(request)  # not run: the server lost its script cache
+            elif isinstance(reply, BaseException):
+                _settle(request, self._unavailable(request.op, reply))
+            else:
+                _settle(request, reply)
+        if unknown:
+            scripts = {r.script.sha: r.script for r in unknown}
+            try:
+                await self._call(
+                    "script load",
+                    lambda: asyncio.gather(
+                        *(self._redis.script_load(sc.script) for sc in scripts.values())
+                    ),
+                )
+            except LimitStoreUnavailable as exc:
+                for request in unknown:
+                    _settle(request, self._unavailable(request.op, exc.__cause__ or exc))
+                return
+            await self._send(unknown, reload=False)
+
+    async def _pipeline(self, batch: list[_Request]) -> list[Any]:
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for r in batch:
+                pipe.evalsha(r.script.sha, len(r.keys), *r.keys, *r.args)
+            replies: list[Any] = await pipe.execute(raise_on_error=False)
+        return replies
+
     def _list(self, op: str, reply: Any) -> list[Any]:
         if not isinstance(reply, list):
             raise self._unavailable(op, TypeError(f"unexpected reply {type(reply).__name__}"))
@@ -340,9 +454,7 @@ class RedisLimitStore:
         words = ["1" if dry_run else "0"]
         for c in charges:
             words += (repr(c.tier.interval), str(c.tier.capacity), str(c.amount))
-        reply = await self._call(
-            "acquire", lambda: self._acquire(keys=keys, args=[" ".join(words)])
-        )
+        reply = await self._eval("acquire", self._acquire, keys, [" ".join(words)])
         r = self._words("acquire", reply)
         if r[0] == b"0":
             index = int(r[1])
@@ -371,12 +483,12 @@ class RedisLimitStore:
             return
         keys = [self._key(bucket_name(c.key, c.tier.id)) for c in charges]
         words = " ".join(f"{c.tier.interval!r} {c.amount}" for c in charges)
-        await self._call("refund", lambda: self._refund(keys=keys, args=[words]))
+        await self._eval("refund", self._refund, keys, [words])
 
     async def usage(self, key: str, tiers: Sequence[Tier]) -> list[TierUsage]:
         check_key(key)
         keys = [self._key(bucket_name(key, tier.id)) for tier in tiers]
-        r = self._list("usage", await self._call("usage", lambda: self._usage(keys=keys)))
+        r = self._list("usage", await self._eval("usage", self._usage, keys, []))
         now = int(r[0]) + int(r[1]) / 1000000
         out = []
         for tier, raw in zip(tiers, r[2:], strict=True):
@@ -431,7 +543,7 @@ class RedisLimitStore:
         hashes = hashed_members(key, members)
         args: list[Any] = [repr(window), -1 if limit is None else limit, "1" if dry_run else "0"]
         keys = [self._key(name)]
-        reply = await self._call("distinct", lambda: self._distinct(keys=keys, args=args + hashes))
+        reply = await self._eval("distinct", self._distinct, keys, args + hashes)
         r = self._list("distinct", reply)
         return DistinctResult(int(r[0]), bool(r[1]), int(r[2]))
 
@@ -441,7 +553,7 @@ class RedisLimitStore:
         check_amount(amount, "counter amount")
         window = check_window(window)
         keys, args = [self._key(name)], [amount, _ms(window)]
-        result: Any = await self._call("incr", lambda: self._incr(keys=keys, args=args))
+        result: Any = await self._eval("incr", self._incr, keys, args)
         return int(result)
 
     async def get(self, key: str) -> int:
@@ -493,5 +605,13 @@ class RedisLimitStore:
         await self._call("ping", lambda: self._redis.ping())
 
     async def close(self) -> None:
+        self._closed = True
+        while self._pending:
+            request = self._pending.popleft()
+            _settle(request, LimitStoreUnavailable(f"limit store {self._where}: closed"))
+        for task in list(self._tasks):
+            task.cancel()
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
         with contextlib.suppress(RedisError, OSError):  # a dead connection: nothing to release
             await self._redis.aclose()

@@ -33,15 +33,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from gateway.core.errors import StoreUnavailable
-
-
-class LimitStoreUnavailable(StoreUnavailable):
-    """The limit store could not be reached, timed out or failed: always temporary.
-
-    (To move to ``gateway/core/errors.py``; until then it lives here and is re-exported by
-    ``gateway.ratelimit``.)"""
-
+# re-exported: the stores raise it; it lives in the core error tree
+from gateway.core.errors import LimitStoreUnavailable as LimitStoreUnavailable
 
 SEPARATOR = "|"
 

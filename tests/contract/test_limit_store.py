@@ -375,16 +375,33 @@ async def test_calls_beyond_the_pool_queue_fairly(limit_backend: str, limit_pref
 
 
 async def test_scripts_are_reloaded_after_a_script_flush(limit_store: LimitStore) -> None:
-    tier = Tier("t", 5, HOUR)
+    tier = Tier("t", 40, HOUR)
     assert (await limit_store.acquire(one("k", tier))).allowed
     if isinstance(limit_store, RedisLimitStore):
         await limit_store._redis.script_flush()  # as after a Redis restart or failover
-    assert (await limit_store.acquire(one("k", tier))).allowed
+    decisions = await asyncio.gather(*(limit_store.acquire(one("k", tier)) for _ in range(50)))
+    assert sum(d.allowed for d in decisions) == 39  # run once each: none lost, none doubled
     await limit_store.refund(one("k", tier))
     assert (await limit_store.distinct("k", ["a"], 60.0)).added == 1
     assert await limit_store.incr("k", 1, 60.0) == 1
     [u] = await limit_store.usage("k", [tier])
-    assert u.used == 1
+    assert u.used == 39
+
+
+async def test_a_cancelled_call_is_not_charged(limit_store: LimitStore) -> None:
+    tier = Tier("t", 5, HOUR)
+    task = asyncio.create_task(limit_store.acquire(one("k", tier, 2)))
+    await asyncio.sleep(0)  # the call is queued (Redis) or already done (memory: instant)
+    task.cancel()
+    try:
+        charged = (await task).allowed
+    except asyncio.CancelledError:
+        charged = False
+    await asyncio.sleep(0.05)
+    [u] = await limit_store.usage("k", [tier])
+    assert u.used == (2 if charged else 0)
+    if isinstance(limit_store, RedisLimitStore):
+        assert not charged  # withdrawn before it was sent
 
 
 # -- arguments ------------------------------------------------------------------------------------
@@ -455,6 +472,37 @@ async def test_hung_redis_times_out() -> None:
             assert time.monotonic() - started < 1.5
         finally:
             await store.close()
+
+
+async def test_hung_redis_fails_every_concurrent_call_promptly() -> None:
+    async with silent_server() as url:
+        store = RedisLimitStore(url, timeout=0.3)
+        tier = Tier("t", 5, 60.0)
+        try:
+            started = time.monotonic()
+            results = await asyncio.gather(
+                *(store.acquire(one(f"k{i}", tier)) for i in range(300)), return_exceptions=True
+            )
+            assert time.monotonic() - started < 2.0
+            assert all(isinstance(r, LimitStoreUnavailable) for r in results)
+        finally:
+            await store.close()
+
+
+async def test_close_fails_waiting_calls() -> None:
+    async with silent_server() as url:
+        store = RedisLimitStore(url, timeout=5.0)
+        calls = [
+            asyncio.create_task(store.acquire(one("k", Tier("t", 5, 60.0)))) for _ in range(20)
+        ]
+        await asyncio.sleep(0.1)
+        started = time.monotonic()
+        await store.close()
+        results = await asyncio.gather(*calls, return_exceptions=True)
+        assert time.monotonic() - started < 1.0
+        assert all(isinstance(r, LimitStoreUnavailable) for r in results)
+        with pytest.raises(LimitStoreUnavailable):
+            await store.acquire(one("k", Tier("t", 5, 60.0)))
 
 
 async def test_open_limit_store_by_url() -> None:

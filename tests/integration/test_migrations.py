@@ -15,7 +15,9 @@ from alembic.runtime.migration import MigrationContext
 from sqlalchemy import Connection, inspect, text
 
 import gateway.audit.models
-import gateway.auth.models  # noqa: F401  (registers the tables)
+import gateway.auth.models
+import gateway.policystate.models
+import gateway.quarantine.models  # noqa: F401  (registers the tables)
 from gateway.config import Config
 from gateway.core.errors import StoreUnavailable
 from gateway.db.base import Base
@@ -33,7 +35,11 @@ TABLES_0001 = {
     "audit_verdict",
 }
 # each revision and the tables the schema has once it is applied
-REVISIONS = [("0001", TABLES_0001), ("0002", TABLES_0001 | {"limit_override"})]
+REVISIONS = [
+    ("0001", TABLES_0001),
+    ("0002", TABLES_0001 | {"limit_override"}),
+    ("0003", TABLES_0001 | {"limit_override", "quarantine"}),
+]
 TABLES = REVISIONS[-1][1]
 HEAD = REVISIONS[-1][0]
 

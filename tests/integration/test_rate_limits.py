@@ -59,8 +59,12 @@ class Limited:
     def __init__(self, make_gateway: Any, store_url: str, **rules: Any) -> None:
         overrides = limited(store_url, **rules)
         if store_url.startswith("redis://127.0.0.1:1/"):
-            # a dead store: let AUTH through (auth-throttle would fail closed too) to test limits
-            overrides["checks"] = {"auth-throttle": {"on_error": "continue"}}
+            # a dead store: auth-throttle and spam-score's fan-out symbol would fail closed too;
+            # let them continue so that the rate limits' own behaviour is what is tested
+            overrides["checks"] = {
+                "auth-throttle": {"on_error": "continue"},
+                "spam-score": {"on_error": "continue"},
+            }
         self.gw: RunningGateway = make_gateway(overrides, users=False)
         self.login = f"u{uuid.uuid4().hex[:10]}@example.com"
         self.gw.add_user(self.login, addresses=[self.login])

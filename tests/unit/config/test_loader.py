@@ -52,11 +52,16 @@ def test_shipped_defaults_load_and_build_the_shipped_pipeline() -> None:
     # values that come from policies/00-pipeline.toml, not from the schema defaults
     assert config.pipeline.mail == ["sender-identity", "message-size", "rate-limit"]
     assert config.pipeline.rcpt == ["recipient-limit", "rate-limit"]
-    assert config.pipeline.data == ["message-size", "sender-identity", "rate-limit"]
+    assert config.pipeline.data == ["message-size", "sender-identity", "spam-score", "rate-limit"]
     assert config.checks["recipient-limit"]["max_recipients"] == 100
     assert stage_ids(pipeline, Stage.MAIL) == ["sender-identity", "message-size", "rate-limit"]
     assert stage_ids(pipeline, Stage.RCPT) == ["recipient-limit", "rate-limit"]
-    assert stage_ids(pipeline, Stage.DATA) == ["message-size", "sender-identity", "rate-limit"]
+    assert stage_ids(pipeline, Stage.DATA) == [
+        "message-size",
+        "sender-identity",
+        "spam-score",
+        "rate-limit",
+    ]
     assert stage_ids(pipeline, Stage.CONNECT) == []
     limit = pipeline.describe()[Stage.RCPT][0]
     assert (limit.mode, limit.timeout, limit.on_error) == (Mode.ENFORCE, 1.0, OnError.DEFER)
@@ -127,7 +132,7 @@ def test_site_arrays_replace_whole_arrays(tmp_path: Path) -> None:
     assert config.pipeline.mail == ["message-size"]
     assert stage_ids(pipeline, Stage.MAIL) == ["message-size"]
     # the sibling arrays of the same table are untouched (tables merge)
-    assert config.pipeline.data == ["message-size", "sender-identity", "rate-limit"]
+    assert config.pipeline.data == ["message-size", "sender-identity", "spam-score", "rate-limit"]
     assert config.pipeline.rcpt == ["recipient-limit", "rate-limit"]
     # one listener replaces both default listeners; unset keys take the schema default
     assert config.smtp.listeners == [ListenerConfig("internal", "127.0.0.1", 2525, "starttls")]
