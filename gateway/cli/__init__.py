@@ -22,7 +22,17 @@ from gateway.cli.common import EXIT_CONFIG, EXIT_FAILURE, config_error, fail
 from gateway.core.errors import ConfigError, GatewayError
 from gateway.core.model import new_id
 
-SUBCOMMAND_MODULES = ("serve", "demo", "config", "policy", "db", "user", "audit", "limit")
+SUBCOMMAND_MODULES = (
+    "serve",
+    "demo",
+    "config",
+    "policy",
+    "db",
+    "user",
+    "audit",
+    "limit",
+    "quarantine",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

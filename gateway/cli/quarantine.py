@@ -1,0 +1,319 @@
+"""``mailward quarantine list|show|release|delete``: review the messages held for review.
+
+What it does: ``list`` prints held messages newest first (a table, or one JSON object per line with
+``--json``), filtered by ``--status`` and ``--login``, ``--limit`` per page and ``--before-id`` for
+the next page. ``ID`` is the entry id, also accepted as ``Q<id>`` (how the client's 250 reply and
+the audit's queue id name it). ``show ID`` prints one entry's metadata (envelope, who held it and
+why, the decision); ``--headers`` adds the message's header block -- never the body. ``release ID``
+relays the held bytes with the original envelope to the configured upstream (``[relay]``) and
+records ``released``, or ``release-failed`` with the upstream's reply (exit 1; every refused
+recipient is named, and nothing is sent unless all are accepted). ``delete ID`` records
+``deleted`` and erases the stored bytes. Release and delete work only on ``held`` or
+``release-failed`` entries; a second release is refused. ``--force`` also acts on an entry left
+``releasing`` by an interrupted release (check first whether the upstream got it). Each decision
+records ``decided_at`` and ``decided_by`` (``cli:<OS user>``) in the row and is logged at WARNING
+(logger ``mailward.quarantine``). Exit 0 on success, 1 for an unknown id, a refused decision, a
+failed release or an unreachable database (one line), 2 for bad options or configuration.
+
+Reads: the configuration (``database.*``; ``[relay]`` and ``smtp.hostname`` for release), the
+``quarantine`` table, the upstream relay (release only).
+
+Security notes: the body of a held message is never printed; ``--headers`` prints the header block
+only, with control characters escaped (headers come from clients: no terminal escape sequences
+reach the terminal). The relay password is resolved from the configuration and never printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import getpass
+import json
+import logging
+import re
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
+from typing import Any, TypeVar
+
+from gateway.cli.common import EXIT_FAILURE, EXIT_OK, fail, load
+from gateway.cli.db import report
+from gateway.config import Config
+from gateway.core.errors import GatewayError
+from gateway.core.message import header_block
+from gateway.db.engine import open_engine
+from gateway.quarantine.models import DELETED, RELEASED, STATUSES
+from gateway.quarantine.store import MAX_PAGE, QuarantineEntry, SqlQuarantine
+
+T = TypeVar("T")
+
+log = logging.getLogger("mailward.quarantine")
+
+_CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f-\x9f]")
+
+
+def _positive(value: str) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}") from None
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}")
+    return number
+
+
+def _entry_id(value: str) -> int:
+    """An entry id: ``5``, or ``Q5`` as the client's reply and the audit's queue id show it."""
+    digits = value[1:] if value[:1] in ("Q", "q") else value
+    try:
+        number = int(digits)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected an entry id like 5 or Q5, got {value!r}"
+        ) from None
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"expected an entry id like 5 or Q5, got {value!r}")
+    return number
+
+
+def register(sub: Any) -> None:
+    p: argparse.ArgumentParser = sub.add_parser(
+        "quarantine", help="messages held for review: list, show, release, delete"
+    )
+    sub2 = p.add_subparsers(dest="quarantine_command", metavar="ACTION", required=True)
+
+    lst = sub2.add_parser("list", help="list held messages, newest first")
+    lst.add_argument("--status", choices=STATUSES, help="only entries with this status")
+    lst.add_argument("--login", metavar="L", help="only messages sent by this login")
+    lst.add_argument(
+        "--limit", type=_positive, default=50, help=f"entries per page (default 50, max {MAX_PAGE})"
+    )
+    lst.add_argument(
+        "--before-id", type=_positive, metavar="ID", help="only entries older than ID (next page)"
+    )
+    lst.add_argument("--json", action="store_true", help="one JSON object per line")
+    lst.set_defaults(func=handle_list)
+
+    show = sub2.add_parser("show", help="print one entry's metadata")
+    show.add_argument("id", type=_entry_id, metavar="ID", help="entry id (5 or Q5)")
+    show.add_argument(
+        "--headers",
+        action="store_true",
+        help="also print the message's header block (never the body)",
+    )
+    show.add_argument("--json", action="store_true", help="as one JSON object")
+    show.set_defaults(func=handle_show)
+
+    for name, helptext in (
+        ("release", "relay the held message upstream, exactly as held"),
+        ("delete", "delete the held message (its bytes are erased)"),
+    ):
+        cmd = sub2.add_parser(name, help=helptext)
+        cmd.add_argument("id", type=_entry_id, metavar="ID", help="entry id (5 or Q5)")
+        cmd.add_argument(
+            "--force",
+            action="store_true",
+            help="also when an earlier release was interrupted (status releasing): check first "
+            "whether the upstream has the message",
+        )
+        cmd.set_defaults(func=handle_release if name == "release" else handle_delete)
+
+
+def operator() -> str:
+    """``decided_by`` for decisions taken here: ``cli:<OS user>`` (``cli`` if unknown)."""
+    try:
+        return f"cli:{getpass.getuser()}"
+    except (OSError, KeyError, ImportError):
+        return "cli"
+
+
+def printable(text: str) -> str:
+    """``text`` with control characters (but tab) escaped, safe to print on a terminal."""
+    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
+
+
+def _with_store(config: Config, fn: Callable[[SqlQuarantine], Awaitable[T]]) -> T:
+    async def run() -> T:
+        async with open_engine(config) as engine:
+            store = SqlQuarantine(engine, timeout=config.database.timeout)
+            try:
+                return await fn(store)
+            finally:
+                await store.close()
+
+    return asyncio.run(run())
+
+
+def _short(value: object, width: int) -> str:
+    text = "-" if value is None or value == "" else printable(str(value))
+    return text if len(text) <= width else text[: width - 3] + "..."
+
+
+def _sender(mail_from: str) -> str:
+    return "<>" if mail_from == "" else mail_from
+
+
+def handle_list(args: argparse.Namespace) -> int:
+    config = load(args)
+    try:
+        entries = _with_store(
+            config,
+            lambda s: s.list(
+                status=args.status, login=args.login, limit=args.limit, before_id=args.before_id
+            ),
+        )
+    except GatewayError as exc:
+        return report(exc)
+    if args.json:
+        for entry in entries:
+            print(json.dumps(entry.to_dict()))
+        return EXIT_OK
+    if not entries:
+        print("no matching quarantine entries")
+        return EXIT_OK
+    rows: list[tuple[str, ...]] = [
+        ("ID", "HELD (UTC)", "STATUS", "CHECK", "LOGIN", "FROM", "RCPTS", "SIZE", "REASON")
+    ]
+    for e in entries:
+        rcpts = e.recipients[0] if e.recipients else "-"
+        if len(e.recipients) > 1:
+            rcpts += f" +{len(e.recipients) - 1}"
+        rows.append(
+            (
+                str(e.id),
+                e.created_at.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S"),
+                e.status,
+                _short(e.check_id, 20),
+                _short(e.login, 24),
+                _short(_sender(e.mail_from), 30),
+                _short(rcpts, 34),
+                str(e.size),
+                _short(e.reason, 60),
+            )
+        )
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
+    for row in rows:
+        cells = [cell.ljust(w) for cell, w in zip(row, widths, strict=False)]
+        print("  ".join([*cells, row[-1]]))
+    if len(entries) == args.limit:
+        print(f"(more may follow: --before-id {entries[-1].id})")
+    return EXIT_OK
+
+
+_FIELDS = (
+    ("status", "status"),
+    ("created_at", "held at"),
+    ("check_id", "held by check"),
+    ("reason", "reason"),
+    ("decided_at", "decided at"),
+    ("decided_by", "decided by"),
+    ("upstream_reply", "upstream reply"),
+    ("transaction_id", "transaction"),
+    ("session_id", "session"),
+    ("login", "login"),
+    ("client_ip", "client ip"),
+    ("mail_from", "mail from"),
+    ("smtputf8", "smtputf8"),
+    ("body_8bitmime", "8bitmime"),
+    ("message_id", "message-id"),
+    ("size", "size"),
+    ("sha256", "sha256"),
+)
+
+
+def format_entry(entry: QuarantineEntry) -> str:
+    """The human-readable metadata of ``quarantine show`` (no message content)."""
+    lines = [f"quarantine entry {entry.id}"]
+    for attr, label in _FIELDS:
+        value = getattr(entry, attr)
+        if isinstance(value, datetime):
+            value = value.isoformat()
+        elif isinstance(value, bool):
+            value = "yes" if value else "no"
+        if attr == "mail_from" and value == "":
+            value = "<> (null sender)"
+        text = "-" if value is None else printable(str(value))
+        lines.append(f"  {label + ':':<16}{text}")
+    lines.append(f"  recipients ({len(entry.recipients)}):")
+    for i, address in enumerate(entry.recipients, 1):
+        lines.append(f"    {i}. {printable(address)}")
+    return "\n".join(lines)
+
+
+def header_lines(message: bytes) -> list[str]:
+    """The header block of ``message`` as printable lines (invalid UTF-8 shown as \\xNN)."""
+    block = header_block(message)
+    lines = block.decode("utf-8", "backslashreplace").split("\r\n")
+    while lines and not lines[-1]:
+        lines.pop()
+    return [printable(line) for line in lines]
+
+
+def handle_show(args: argparse.Namespace) -> int:
+    config = load(args)
+    try:
+        entry = _with_store(config, lambda s: s.get(args.id, with_message=args.headers))
+    except GatewayError as exc:
+        return report(exc)
+    if entry is None:
+        return fail(f"no quarantine entry {args.id}", EXIT_FAILURE)
+    headers: list[str] | None = None
+    if args.headers and entry.message is not None:
+        headers = header_lines(entry.message)
+    if args.json:
+        data = entry.to_dict()
+        if args.headers:
+            data["headers"] = "\r\n".join(headers) if headers is not None else None
+        print(json.dumps(data))
+        return EXIT_OK
+    print(format_entry(entry))
+    if args.headers:
+        if headers is None:
+            print("  headers: - (the message was deleted)")
+        else:
+            print("  headers:")
+            for line in headers:
+                print(f"    {line}")
+    return EXIT_OK
+
+
+def handle_release(args: argparse.Namespace) -> int:
+    config = load(args)
+    from gateway.app import gateway_hostname
+    from gateway.config import resolve_secret
+    from gateway.quarantine.release import release_held
+    from gateway.relay import UpstreamRelay
+
+    password = resolve_secret(config.relay.password, "relay.password")
+    by = operator()
+
+    async def run(store: SqlQuarantine) -> QuarantineEntry:
+        relay = UpstreamRelay(
+            config.relay,
+            helo_name=config.relay.helo_name or gateway_hostname(config),
+            password=password,
+        )
+        try:
+            return await release_held(store, args.id, relay, decided_by=by, force=args.force)
+        finally:
+            await relay.close()
+
+    try:
+        entry = _with_store(config, run)
+    except GatewayError as exc:
+        return report(exc)
+    if entry.status != RELEASED:
+        return fail(f"quarantine {args.id} release failed: {printable(entry.upstream_reply or '')}")
+    print(f"quarantine {args.id} released: {printable(entry.upstream_reply or '')}")
+    return EXIT_OK
+
+
+def handle_delete(args: argparse.Namespace) -> int:
+    config = load(args)
+    by = operator()
+    try:
+        _with_store(config, lambda s: s.mark(args.id, DELETED, decided_by=by, force=args.force))
+    except GatewayError as exc:
+        return report(exc)
+    log.warning("quarantine %d deleted by %s", args.id, by)
+    print(f"quarantine {args.id} deleted")
+    return EXIT_OK
