@@ -293,7 +293,8 @@ class Gateway:
         txn.content = content
         txn.size = len(content)
         txn.sha256 = sha256_hex(content)
-        txn.message_id = Headers(content).message_id
+        txn.headers = Headers(content)
+        txn.message_id = txn.headers.message_id
         verdict = await self.pipeline.run(Stage.DATA, txn)
         delivered = False
         try:
@@ -360,7 +361,7 @@ class Gateway:
                 reply.line(),
                 exc,
             )
-        txn.content = None
+        txn.content = txn.headers = None
         return reply, outcome
 
     async def _relay(self, exchange: Exchange, wire: bytes) -> tuple[Reply, str]:
@@ -434,7 +435,7 @@ class Gateway:
         except AuditUnavailable:
             return replies.AUDIT_UNAVAILABLE
         finally:
-            txn.content = None
+            txn.content = txn.headers = None
         return reply
 
     def _received_header(self, txn: Transaction) -> bytes:

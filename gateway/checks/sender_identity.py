@@ -59,7 +59,8 @@ class SenderIdentity:
             )
         if not self.options.check_from_header or txn.content is None:
             return CONTINUE
-        addrs = Headers(txn.content).from_addresses()
+        headers = txn.headers if txn.headers is not None else Headers(txn.content)
+        addrs = headers.from_addresses()
         if addrs is None:
             return Verdict.reject(replies.FROM_HEADER_MISSING, "From: missing or unparsable")
         for addr in addrs:

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+from gateway.core.message import Headers
 from gateway.core.replies import Reply
 
 
@@ -211,6 +212,8 @@ class Transaction:
     recipients: list[Recipient] = field(default_factory=list)
     verdicts: list[VerdictRecord] = field(default_factory=list)
     content: bytes | None = None
+    # the parsed header section of ``content`` (set once at end of data, shared by every check)
+    headers: Headers | None = None
     message_id: str | None = None
     size: int | None = None
     sha256: str | None = None
