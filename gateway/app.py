@@ -34,6 +34,7 @@ from gateway.db.engine import create_engine
 from gateway.db.migrate import upgrade
 from gateway.pipeline.registry import build_pipeline
 from gateway.pipeline.runner import Pipeline
+from gateway.policystate.account_state import SqlAccountState
 from gateway.policystate.store import SqlPolicyState
 from gateway.quarantine.store import SqlQuarantine
 from gateway.ratelimit.memory import MemoryLimitStore
@@ -57,6 +58,7 @@ class _PipelineDeps:
     config: Config
     limit_store: LimitStore
     policy_state: SqlPolicyState | None
+    account_state: SqlAccountState | None = None
 
 
 def open_limit_store(config: Config) -> LimitStore:
@@ -73,9 +75,10 @@ def make_pipeline(
     *,
     limit_store: LimitStore | None = None,
     policy_state: SqlPolicyState | None = None,
+    account_state: SqlAccountState | None = None,
 ) -> Pipeline:
     store = limit_store if limit_store is not None else MemoryLimitStore()
-    deps = _PipelineDeps(config, store, policy_state)
+    deps = _PipelineDeps(config, store, policy_state, account_state)
     return build_pipeline(config, SPECS, deps, source)
 
 
@@ -91,12 +94,14 @@ class Stores:
     audit: SqlAuditStore
     policy: SqlPolicyState
     quarantine: SqlQuarantine
+    account_state: SqlAccountState
 
     async def close(self) -> None:
         await self.audit.close()
         await self.accounts.close()
         await self.policy.close()
         await self.quarantine.close()
+        await self.account_state.close()
         await self.engine.dispose()
 
 
@@ -112,7 +117,8 @@ async def open_stores(config: Config, *, migrate: bool | None = None) -> Stores:
     await audit.start()
     policy = SqlPolicyState(engine, timeout=config.database.timeout)
     quarantine = SqlQuarantine(engine, timeout=config.database.timeout)
-    return Stores(engine, accounts, audit, policy, quarantine)
+    account_state = SqlAccountState(engine, timeout=config.database.timeout)
+    return Stores(engine, accounts, audit, policy, quarantine, account_state)
 
 
 def gateway_hostname(config: Config) -> str:
@@ -152,7 +158,10 @@ class GatewayApp:
         self.stores = await open_stores(config)
         self.limit_store = open_limit_store(config)
         pipeline = make_pipeline(
-            config, limit_store=self.limit_store, policy_state=self.stores.policy
+            config,
+            limit_store=self.limit_store,
+            policy_state=self.stores.policy,
+            account_state=self.stores.account_state,
         )
         self.relay = UpstreamRelay(
             config.relay, helo_name=config.relay.helo_name or self.hostname, password=password
@@ -289,6 +298,7 @@ class GatewayApp:
                 str(path) if path else "configuration",
                 limit_store=self.limit_store,
                 policy_state=self.stores.policy,
+                account_state=self.stores.account_state,
             )
         except ConfigError as exc:
             log.error("policy reload failed, the previous policy stays in force: %s", exc)

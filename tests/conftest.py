@@ -11,4 +11,5 @@ pytest_plugins = [
     "tests.fixtures.upstream",
     "tests.fixtures.gateway",
     "tests.fixtures.limits",
+    "tests.fixtures.rspamd",
 ]

@@ -33,6 +33,12 @@ KINDS = (
     "dropped",
     "refused",
     "timeout",
+    # compromised-account stage transitions (check account-guard, `mailward account`); "acct-"
+    # because the kind column is VARCHAR(16) and "account-suspended" would not fit
+    "acct-flagged",
+    "acct-held",
+    "acct-suspended",
+    "acct-released",
 )
 SESSION_EVENT_KINDS = KINDS[1:]
 #: Outcomes of message records ("relaying" until finish_message completes the record).

@@ -435,6 +435,49 @@ class SqlAuditStore:
         }
         await self._submit(self._new_write("insert", record, verdicts=_verdict_rows(verdicts)))
 
+    @staticmethod
+    async def record_event_in(
+        conn: AsyncConnection,
+        session: Session,
+        kind: str,
+        detail: str,
+        login: str | None = None,
+        verdicts: Sequence[VerdictRecord] = (),
+    ) -> int:
+        """Like :meth:`record_session_event`, but written inside the caller's open database
+        transaction ``conn`` instead of through the group-commit writer: the event commits or
+        rolls back together with the caller's own change (an account-state transition), so
+        neither exists without the other. Returns the record id. Database errors propagate to
+        the caller, which translates them (it owns the transaction)."""
+        if kind not in SESSION_EVENT_KINDS:
+            raise ValueError(f"invalid audit event kind {kind!r}")
+        now = utcnow()
+        record = {
+            "kind": kind,
+            "outcome": None,
+            "started_at": now,
+            "ended_at": now,
+            **_session_columns(session),
+            "transaction_id": None,
+            "login": _text(login if login is not None else session.login),
+            "mail_from": None,
+            "message_id": None,
+            "size": None,
+            "sha256": None,
+            "final_reply": None,
+            "upstream_reply": None,
+            "queue_id": None,
+            "detail": _text(detail, DETAIL_LIMIT),
+            "incident": None,
+        }
+        record_id = int(
+            (await conn.execute(insert(RECORD).returning(RECORD.c.id), record)).scalar_one()
+        )
+        rows = [{**v, "record_id": record_id} for v in _verdict_rows(verdicts)]
+        if rows:
+            await conn.execute(insert(VERDICT), rows)
+        return record_id
+
     # --- group-commit writer ---------------------------------------------------------------------
 
     def _new_write(

@@ -3,6 +3,7 @@
 ``SPECS`` lists every check Mailward ships; the registry builds pipelines from it.
 """
 
+from gateway.checks.account_guard import SPEC as ACCOUNT_GUARD
 from gateway.checks.auth_throttle import SPEC as AUTH_THROTTLE
 from gateway.checks.message_size import SPEC as MESSAGE_SIZE
 from gateway.checks.rate_limit import SPEC as RATE_LIMIT
@@ -20,6 +21,7 @@ SPECS: dict[str, CheckSpec] = {
         MESSAGE_SIZE,
         SPAM_SCORE,
         RATE_LIMIT,
+        ACCOUNT_GUARD,
     )
 }
 

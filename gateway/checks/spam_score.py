@@ -11,20 +11,32 @@ total to one action: ``accept``; ``add_header`` (prepends ``X-Mailward-Spam: <sc
 are computed and reported ("would have fired") but do not count. The verdict's reason lists the
 score and every symbol, for the audit.
 
-Reads: the message bytes (in memory only), the recipients, the login, the limit store.
+With ``rspamd_url`` set, the message is also sent to rspamd (``gateway.rules.rspamd``), at the same
+time as our own scan runs in its thread. rspamd's total times ``rspamd_weight`` (floored at 0) is
+added as ONE counted symbol, ``RSPAMD_SCORE``; rspamd's own symbols are listed as
+``RSPAMD_<NAME>(score, info)`` and never counted (they are inside ``RSPAMD_SCORE``). When rspamd
+fails (refused, ``rspamd_timeout``, bad answer): ``rspamd_on_error = "skip"`` adds the zero-score
+``RSPAMD_UNAVAILABLE`` and our rules decide alone (a warning is logged); ``"defer"`` raises, so
+the check's ``on_error`` applies (451 4.3.0 by default).
+
+Reads: the message bytes (in memory only), the recipients, the login, the limit store; with
+``rspamd_url``, rspamd's answer.
 
 Security notes: symbols' details carry header names, counts and list entries, never message
 content; nothing here logs the message. The scan runs in a worker thread with the check's timeout,
-so a pathological message cannot stall other sessions; the regexes are bounded at load.
+so a pathological message cannot stall other sessions; the regexes are bounded at load. With
+``rspamd_url`` the message and envelope go to that rspamd (a local service the operator
+configured); only rspamd's symbol names and scores come back into results and logs.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from gateway.config.loader import shipped_dir
 from gateway.config.schema import parse_duration
@@ -36,6 +48,7 @@ from gateway.pipeline.registry import CheckSpec
 from gateway.ratelimit.store import LimitStore
 from gateway.rules import MessageTooComplex, RuleEngine, load_rules
 from gateway.rules.model import Result, SpamAction, SymbolHit
+from gateway.rules.rspamd import RspamdClient, RspamdUnavailable, parse_url, unavailable_hit
 
 log = logging.getLogger("mailward.checks.spam_score")
 
@@ -57,6 +70,28 @@ class Options:
     )
     fanout_window: str = doc_field("1h", "Window for the identical-content fan-out (duration).")
     fanout_score: float = doc_field(6.0, "Score of FANOUT_IDENTICAL_CONTENT.")
+    rspamd_url: str = doc_field(
+        "",
+        "An rspamd normal worker also asked about every message (`POST /checkv2`), e.g. "
+        "`http://127.0.0.1:11333`; empty: rspamd is not used. Its total times `rspamd_weight` is "
+        "added as the symbol RSPAMD_SCORE (see docs/policies.md).",
+    )
+    rspamd_timeout: float = doc_field(
+        2.0,
+        "Seconds rspamd may take per message, connect included; keep it below the check's "
+        "`timeout`.",
+    )
+    rspamd_weight: float = doc_field(
+        1.0,
+        "Factor on rspamd's total (counted only when positive) before it is added as "
+        "RSPAMD_SCORE; 0 lists rspamd's symbols without counting them.",
+    )
+    rspamd_on_error: Literal["skip", "defer"] = doc_field(
+        "skip",
+        "When rspamd is unreachable, too slow or answers badly: `skip` adds RSPAMD_UNAVAILABLE "
+        "(score 0) and our own rules decide; `defer` fails the check, so its `on_error` applies "
+        "(451 4.3.0 by default).",
+    )
 
     def validate(self) -> None:
         try:
@@ -65,6 +100,15 @@ class Options:
             raise ConfigError("", "fanout_window", str(exc)) from None
         if self.fanout_recipients < 0:
             raise ConfigError("", "fanout_recipients", "must not be negative")
+        if self.rspamd_url:
+            try:
+                parse_url(self.rspamd_url)
+            except ValueError as exc:
+                raise ConfigError("", "rspamd_url", str(exc)) from None
+        if not (math.isfinite(self.rspamd_timeout) and self.rspamd_timeout > 0):
+            raise ConfigError("", "rspamd_timeout", "must be a positive number of seconds")
+        if not (math.isfinite(self.rspamd_weight) and self.rspamd_weight >= 0):
+            raise ConfigError("", "rspamd_weight", "must be a number >= 0")
 
 
 def load_engine(options: Options) -> RuleEngine:
@@ -74,12 +118,40 @@ def load_engine(options: Options) -> RuleEngine:
     )
 
 
-def spam_header(score: float, symbols: list[SymbolHit]) -> bytes:
-    names = ", ".join(f"{s.id}({s.score:g})" for s in symbols if s.counted) or "none"
-    line = f"X-Mailward-Spam: {score:g}, {names}"
-    # fold long lists at commas so no header line exceeds 998 octets
-    folded = line if len(line) <= 900 else line[:900].rsplit(",", 1)[0] + ", ..."
+@dataclass(frozen=True, slots=True)
+class SpamScan:
+    """One message's scan: our engine's result, the symbols that make up ``score`` (ours, the
+    fan-out symbol, ``RSPAMD_SCORE`` or ``RSPAMD_UNAVAILABLE``) and, listed apart, rspamd's own
+    symbols (``info``: never counted, they are inside ``RSPAMD_SCORE``)."""
+
+    result: Result
+    symbols: tuple[SymbolHit, ...]
+    info: tuple[SymbolHit, ...]
+    score: float
+
+
+def spam_header(
+    score: float, symbols: tuple[SymbolHit, ...] | list[SymbolHit], info: tuple[SymbolHit, ...] = ()
+) -> bytes:
+    names = [f"{s.id}({s.score:g})" for s in symbols if s.counted]
+    names += [f"{s.id}({s.score:g}, info)" for s in info]
+    line = f"X-Mailward-Spam: {score:g}, {', '.join(names) or 'none'}"
+    # cut long lists between two symbols so the header line stays below 998 octets
+    folded = line if len(line) <= 900 else line[:900].rsplit("), ", 1)[0] + "), ..."
     return folded.encode("ascii", "replace") + b"\r\n"
+
+
+def _listing(scan: SpamScan) -> str:
+    """Every symbol for the audit: ``ID(score)``, ``ID(score, warn)``, ``RSPAMD_X(score, info)``."""
+    listed = [f"{s.id}({s.score:g}{'' if s.counted else ', warn'})" for s in scan.symbols]
+    listed += [f"{s.id}({s.score:g}, info)" for s in scan.info]
+    return ", ".join(listed) or "no symbols"
+
+
+def _forget(task: asyncio.Task[Any]) -> None:
+    """Cancel a task nobody will await; its outcome, if any, is retrieved (no warning)."""
+    task.cancel()
+    task.add_done_callback(lambda t: t.cancelled() or t.exception())
 
 
 class SpamScore:
@@ -91,8 +163,47 @@ class SpamScore:
         self.engine = engine
         self.store = store
         self.window = parse_duration(options.fanout_window)
+        self.rspamd = (
+            RspamdClient(options.rspamd_url, options.rspamd_timeout) if options.rspamd_url else None
+        )
 
-    async def scan(self, txn: Transaction) -> tuple[Result, list[SymbolHit], float]:
+    async def scan(self, txn: Transaction) -> SpamScan:
+        """Our rules (in a thread) and rspamd (when configured), at the same time."""
+        asked = asyncio.create_task(self._ask_rspamd(txn)) if self.rspamd else None
+        try:
+            result, symbols, score = await self._scan_own(txn)
+            info: tuple[SymbolHit, ...] = ()
+            if asked is not None:
+                counted, info = await asked
+                symbols.append(counted)
+                score = round(score + counted.score, 3)
+        except BaseException:
+            if asked is not None:
+                _forget(asked)  # e.g. our scan refused the message: rspamd's answer is moot
+            raise
+        return SpamScan(result, tuple(symbols), info, score)
+
+    async def _ask_rspamd(self, txn: Transaction) -> tuple[SymbolHit, tuple[SymbolHit, ...]]:
+        """``(RSPAMD_SCORE, rspamd's symbols)``, or ``RSPAMD_UNAVAILABLE`` when skipping."""
+        assert self.rspamd is not None and txn.content is not None
+        try:
+            answer = await self.rspamd.check(
+                txn.content,
+                sender=txn.mail_from,
+                recipients=[r.address for r in txn.accepted],
+                ip=txn.session.client_ip,
+                login=txn.session.login,
+                helo=txn.session.helo,
+                queue_id=txn.id,
+            )
+        except RspamdUnavailable as exc:
+            if self.options.rspamd_on_error == "defer":
+                raise
+            log.warning("txn=%s rspamd skipped, own rules decide: %s", txn.id, exc)
+            return unavailable_hit(exc), ()
+        return answer.hits(self.options.rspamd_weight)
+
+    async def _scan_own(self, txn: Transaction) -> tuple[Result, list[SymbolHit], float]:
         assert txn.content is not None
         recipients = [r.address for r in txn.accepted]
         result = await asyncio.to_thread(
@@ -124,16 +235,16 @@ class SpamScore:
 
     async def evaluate(self, stage: Stage, txn: Transaction, rcpt: Recipient | None) -> Verdict:
         try:
-            _, symbols, score = await self.scan(txn)
+            scan = await self.scan(txn)
         except MessageTooComplex as exc:
             return Verdict.reject(replies.MESSAGE_TOO_COMPLEX, f"MIME bounds: {exc}")
+        score = scan.score
         action = self.engine.ruleset.actions.action_for(score)
-        listed = ", ".join(f"{s.id}({s.score:g}{'' if s.counted else ', warn'})" for s in symbols)
-        reason = f"score {score:g}: {listed or 'no symbols'}"
+        reason = f"score {score:g}: {_listing(scan)}"
         evidence = {"measured": f"{score:g}", "limit": self._threshold(action)}
         if action is SpamAction.ACCEPT:
             return CONTINUE
-        header = (spam_header(score, symbols),)
+        header = (spam_header(score, scan.symbols, scan.info),)
         if action is SpamAction.ADD_HEADER:
             log.info("txn=%s spam %s", txn.id, reason)
             return Verdict(

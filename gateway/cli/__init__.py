@@ -1,7 +1,8 @@
 """The ``mailward`` command: one sub-command module per area, wired here.
 
 What it does: parses the global options (``--config``), dispatches to the sub-command modules
-(``serve``, ``demo``, ``config``, ``policy``, ``db``, ``user``, ``audit``), and maps errors to exit
+(``serve``, ``demo``, ``config``, ``policy``, ``db``, ``user``, ``audit``, ``limit``,
+``quarantine``, ``account``), and maps errors to exit
 codes: 0 ok, 1 operational failure, 2 configuration/usage error.
 
 Reads: argv, ``MAILWARD_CONFIG``.
@@ -32,6 +33,7 @@ SUBCOMMAND_MODULES = (
     "audit",
     "limit",
     "quarantine",
+    "account",
 )
 
 

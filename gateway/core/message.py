@@ -22,12 +22,16 @@ from email.utils import getaddresses
 
 MAX_HEADER_BYTES = 256 * 1024
 
-_BARE = re.compile(rb"\r(?!\n)|(?<!\r)\n|\x00")
 _PARSER = BytesHeaderParser(policy=policy.compat32)
 
 
 def has_bare_newline_or_nul(data: bytes) -> bool:
-    return _BARE.search(data) is not None
+    """A CR not followed by LF, an LF not preceded by CR, or a NUL anywhere in ``data``.
+
+    Counted with bytes methods (C speed): every CR and every LF belongs to a CRLF pair exactly
+    when the three counts agree. A regex scan costs ~10x more on a 100 KB message."""
+    crlf = data.count(b"\r\n")
+    return b"\x00" in data or data.count(b"\r") != crlf or data.count(b"\n") != crlf
 
 
 def normalize_line_endings(data: bytes) -> bytes:

@@ -153,6 +153,7 @@ MESSAGE_TOO_COMPLEX = Reply(554, "5.6.0", "Message structure too complex to scan
 RATE_LIMITED = Reply(450, "4.7.1", "Rate limit {limit} exceeded, try again in {retry} s")
 RATE_LIMITED_EOM = Reply(451, "4.7.1", "Rate limit {limit} exceeded, try again in {retry} s")
 RATE_LIMIT_NEVER = Reply(552, "5.3.4", "Message exceeds the rate limit {limit} on its own")
+ACCOUNT_SUSPENDED = Reply(550, "5.7.1", "Account suspended, contact support")
 
 # --- upstream / custody ---------------------------------------------------------------------------
 UPSTREAM_UNAVAILABLE = Reply(451, "4.4.1", "Upstream relay unavailable, try again later")

@@ -23,7 +23,6 @@ from gateway.config.schema import RelayConfig
 from gateway.core.errors import ConfigError
 from gateway.core.message import has_bare_newline_or_nul, normalize_line_endings
 
-_LINE_START_DOT = re.compile(rb"(?m)^\.")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _QUOTED_LOCAL_PART = re.compile(r'^"(?:[^"\\]|\\.)*"')
 _UNSAFE_UNQUOTED = re.compile(r"[\s<>]")
@@ -64,7 +63,11 @@ def dot_stuff(content: bytes) -> bytes:
         content = normalize_line_endings(content)
     if content and not content.endswith(b"\r\n"):
         content += b"\r\n"
-    return _LINE_START_DOT.sub(b"..", content) + b".\r\n"
+    # CRLF content: a line starts after each CRLF (and at the very start)
+    stuffed = content.replace(b"\r\n.", b"\r\n..")
+    if stuffed.startswith(b"."):
+        stuffed = b"." + stuffed
+    return stuffed + b".\r\n"
 
 
 def client_tls_context(config: RelayConfig) -> ssl.SSLContext:

@@ -105,7 +105,7 @@ def test_demo_runs_and_swaks_delivers_to_the_outbox(tmp_path: Path) -> None:
             text=True,
             timeout=60,
         )
-        assert swaks.returncode == 0, swaks.stdout
+        assert swaks.returncode == 0, swaks.stdout + swaks.stderr
         emls = list((tmp_path / "demo" / "outbox").glob("*.eml"))
         assert len(emls) == 1
         assert b"someone@example.net" in emls[0].read_bytes()

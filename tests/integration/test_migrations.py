@@ -39,6 +39,7 @@ REVISIONS = [
     ("0001", TABLES_0001),
     ("0002", TABLES_0001 | {"limit_override"}),
     ("0003", TABLES_0001 | {"limit_override", "quarantine"}),
+    ("0004", TABLES_0001 | {"limit_override", "quarantine", "account_state"}),
 ]
 TABLES = REVISIONS[-1][1]
 HEAD = REVISIONS[-1][0]

@@ -64,6 +64,7 @@ class Limited:
             overrides["checks"] = {
                 "auth-throttle": {"on_error": "continue"},
                 "spam-score": {"on_error": "continue"},
+                "account-guard": {"on_error": "continue"},
             }
         self.gw: RunningGateway = make_gateway(overrides, users=False)
         self.login = f"u{uuid.uuid4().hex[:10]}@example.com"

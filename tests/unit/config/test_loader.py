@@ -50,15 +50,33 @@ def stage_ids(pipeline: Pipeline, stage: Stage) -> list[str]:
 def test_shipped_defaults_load_and_build_the_shipped_pipeline() -> None:
     config, pipeline = check_config(None)
     # values that come from policies/00-pipeline.toml, not from the schema defaults
-    assert config.pipeline.mail == ["sender-identity", "message-size", "rate-limit"]
+    assert config.pipeline.auth == ["auth-throttle", "account-guard"]
+    assert config.pipeline.mail == [
+        "account-guard",
+        "sender-identity",
+        "message-size",
+        "rate-limit",
+    ]
     assert config.pipeline.rcpt == ["recipient-limit", "rate-limit"]
-    assert config.pipeline.data == ["message-size", "sender-identity", "spam-score", "rate-limit"]
+    assert config.pipeline.data == [
+        "message-size",
+        "sender-identity",
+        "account-guard",
+        "spam-score",
+        "rate-limit",
+    ]
     assert config.checks["recipient-limit"]["max_recipients"] == 100
-    assert stage_ids(pipeline, Stage.MAIL) == ["sender-identity", "message-size", "rate-limit"]
+    assert stage_ids(pipeline, Stage.MAIL) == [
+        "account-guard",
+        "sender-identity",
+        "message-size",
+        "rate-limit",
+    ]
     assert stage_ids(pipeline, Stage.RCPT) == ["recipient-limit", "rate-limit"]
     assert stage_ids(pipeline, Stage.DATA) == [
         "message-size",
         "sender-identity",
+        "account-guard",
         "spam-score",
         "rate-limit",
     ]
@@ -110,7 +128,8 @@ def test_site_tables_merge_key_by_key(tmp_path: Path) -> None:
         "allow_null_sender": False,
         "check_from_header": True,
     }
-    assert pipeline.describe()[Stage.MAIL][0].mode is Mode.WARN
+    identity = next(c for c in pipeline.describe()[Stage.MAIL] if c.id == "sender-identity")
+    assert identity.mode is Mode.WARN
     assert config.smtp.max_connections == 5
     assert config.smtp.max_connections_per_ip == SmtpConfig().max_connections_per_ip
 
@@ -132,7 +151,13 @@ def test_site_arrays_replace_whole_arrays(tmp_path: Path) -> None:
     assert config.pipeline.mail == ["message-size"]
     assert stage_ids(pipeline, Stage.MAIL) == ["message-size"]
     # the sibling arrays of the same table are untouched (tables merge)
-    assert config.pipeline.data == ["message-size", "sender-identity", "spam-score", "rate-limit"]
+    assert config.pipeline.data == [
+        "message-size",
+        "sender-identity",
+        "account-guard",
+        "spam-score",
+        "rate-limit",
+    ]
     assert config.pipeline.rcpt == ["recipient-limit", "rate-limit"]
     # one listener replaces both default listeners; unset keys take the schema default
     assert config.smtp.listeners == [ListenerConfig("internal", "127.0.0.1", 2525, "starttls")]
