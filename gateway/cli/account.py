@@ -40,7 +40,7 @@ from datetime import datetime
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from gateway.checks.account_guard import CHECK_ID
-from gateway.cli.common import EXIT_OK, load
+from gateway.cli.common import EXIT_OK, load, print_table
 from gateway.cli.db import report
 from gateway.config import Config
 from gateway.core import replies
@@ -206,10 +206,7 @@ def handle_list(args: argparse.Namespace) -> int:
         (printable(s.login), s.stage, _when(s.since), _score(s), printable(s.updated_by))
         for s in states
     ]
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
-    for row in rows:
-        cells = [cell.ljust(w) for cell, w in zip(row, widths, strict=False)]
-        print("  ".join([*cells, row[-1]]))
+    print_table(rows)
     return EXIT_OK
 
 

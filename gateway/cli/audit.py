@@ -25,7 +25,7 @@ from typing import Any, TypeVar
 
 from gateway.audit.models import KINDS, OUTCOMES
 from gateway.audit.store import MAX_PAGE, AuditRecord, SqlAuditStore
-from gateway.cli.common import EXIT_CONFIG, EXIT_FAILURE, EXIT_OK, fail, load
+from gateway.cli.common import EXIT_CONFIG, EXIT_FAILURE, EXIT_OK, fail, load, print_table
 from gateway.cli.db import report
 from gateway.config import Config
 from gateway.core.errors import GatewayError
@@ -165,10 +165,7 @@ def handle_list(args: argparse.Namespace) -> int:
         print("no matching audit records")
         return EXIT_OK
     rows = _summary_rows(records)
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
-    for row in rows:
-        cells = [cell.ljust(w) for cell, w in zip(row, widths, strict=False)]
-        print("  ".join([*cells, row[-1]]))
+    print_table(rows)
     if len(records) == args.limit:
         print(f"(more may follow: --before-id {records[-1].id})")
     return EXIT_OK

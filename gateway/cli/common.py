@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 from gateway.config import Config, load_config
@@ -45,3 +46,13 @@ def fail(message: str, code: int = EXIT_FAILURE) -> int:
 
 def config_error(exc: ConfigError) -> int:
     return fail(f"configuration error: {exc}", EXIT_CONFIG)
+
+
+def print_table(rows: Sequence[Sequence[str]]) -> None:
+    """Rows of text cells, columns padded to their widest cell (the last column is not padded)."""
+    if not rows:
+        return
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
+    for row in rows:
+        cells = [cell.ljust(w) for cell, w in zip(row, widths, strict=False)]
+        print("  ".join([*cells, row[-1]]))

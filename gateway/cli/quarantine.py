@@ -35,7 +35,7 @@ from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
-from gateway.cli.common import EXIT_FAILURE, EXIT_OK, fail, load
+from gateway.cli.common import EXIT_FAILURE, EXIT_OK, fail, load, print_table
 from gateway.cli.db import report
 from gateway.config import Config
 from gateway.core.errors import GatewayError
@@ -190,10 +190,7 @@ def handle_list(args: argparse.Namespace) -> int:
                 _short(e.reason, 60),
             )
         )
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
-    for row in rows:
-        cells = [cell.ljust(w) for cell, w in zip(row, widths, strict=False)]
-        print("  ".join([*cells, row[-1]]))
+    print_table(rows)
     if len(entries) == args.limit:
         print(f"(more may follow: --before-id {entries[-1].id})")
     return EXIT_OK
