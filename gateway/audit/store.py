@@ -177,6 +177,31 @@ def _verdict_rows(verdicts: Sequence[VerdictRecord]) -> list[dict[str, Any]]:
     ]
 
 
+def _event_record(session: Session, kind: str, detail: str, login: str | None) -> dict[str, Any]:
+    """The ``audit_record`` row of a session-level event (no transaction, no message)."""
+    if kind not in SESSION_EVENT_KINDS:
+        raise ValueError(f"invalid audit event kind {kind!r}")
+    now = utcnow()
+    return {
+        "kind": kind,
+        "outcome": None,
+        "started_at": now,
+        "ended_at": now,
+        **_session_columns(session),
+        "transaction_id": None,
+        "login": _text(login if login is not None else session.login),
+        "mail_from": None,
+        "message_id": None,
+        "size": None,
+        "sha256": None,
+        "final_reply": None,
+        "upstream_reply": None,
+        "queue_id": None,
+        "detail": _text(detail, DETAIL_LIMIT),
+        "incident": None,
+    }
+
+
 def _check_outcome(outcome: str, *, allow_relaying: bool = False) -> None:
     if outcome not in OUTCOMES or (outcome == "relaying" and not allow_relaying):
         raise ValueError(f"invalid audit outcome {outcome!r}")
@@ -412,27 +437,7 @@ class SqlAuditStore:
         """A session-level event ("auth-failure", "auth-tempfail", "auth-throttled", "dropped",
         "refused", "timeout"); ``login`` overrides the session's (e.g. the login that failed);
         ``verdicts`` are the check verdicts that explain it (e.g. auth-throttle's)."""
-        if kind not in SESSION_EVENT_KINDS:
-            raise ValueError(f"invalid audit event kind {kind!r}")
-        now = utcnow()
-        record = {
-            "kind": kind,
-            "outcome": None,
-            "started_at": now,
-            "ended_at": now,
-            **_session_columns(session),
-            "transaction_id": None,
-            "login": _text(login if login is not None else session.login),
-            "mail_from": None,
-            "message_id": None,
-            "size": None,
-            "sha256": None,
-            "final_reply": None,
-            "upstream_reply": None,
-            "queue_id": None,
-            "detail": _text(detail, DETAIL_LIMIT),
-            "incident": None,
-        }
+        record = _event_record(session, kind, detail, login)
         await self._submit(self._new_write("insert", record, verdicts=_verdict_rows(verdicts)))
 
     @staticmethod
@@ -449,27 +454,7 @@ class SqlAuditStore:
         rolls back together with the caller's own change (an account-state transition), so
         neither exists without the other. Returns the record id. Database errors propagate to
         the caller, which translates them (it owns the transaction)."""
-        if kind not in SESSION_EVENT_KINDS:
-            raise ValueError(f"invalid audit event kind {kind!r}")
-        now = utcnow()
-        record = {
-            "kind": kind,
-            "outcome": None,
-            "started_at": now,
-            "ended_at": now,
-            **_session_columns(session),
-            "transaction_id": None,
-            "login": _text(login if login is not None else session.login),
-            "mail_from": None,
-            "message_id": None,
-            "size": None,
-            "sha256": None,
-            "final_reply": None,
-            "upstream_reply": None,
-            "queue_id": None,
-            "detail": _text(detail, DETAIL_LIMIT),
-            "incident": None,
-        }
+        record = _event_record(session, kind, detail, login)
         record_id = int(
             (await conn.execute(insert(RECORD).returning(RECORD.c.id), record)).scalar_one()
         )
