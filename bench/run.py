@@ -401,7 +401,24 @@ pool_size = 32
 
 [log]
 level = "warning"
-{limits_overrides()}"""
+{limits_overrides()}{policy_overrides()}"""
+
+
+POLICY_OFF = """
+# --policy off: every configurable check switched off (the fixed AUTH gate still applies), to
+# measure the shipped policy's cost as the ratio of a policy-on run to this one
+[pipeline]
+connect = []
+auth = []
+mail = []
+rcpt = []
+data = []
+"""
+
+
+def policy_overrides() -> str:
+    """The ``--policy`` choice, passed down through the environment of this benchmark process."""
+    return POLICY_OFF if os.environ.get("MAILWARD_BENCH_POLICY") == "off" else ""
 
 
 def limits_overrides() -> str:
@@ -937,6 +954,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--sizes", default="2KB,100KB", help="comma list of 2KB,100KB")
     p.add_argument("--sessions", default="1,20", help="comma list of concurrent sessions")
     p.add_argument(
+        "--policy",
+        choices=["on", "off"],
+        default="on",
+        help="on: the shipped policy (limits raised so they never refuse); off: every check off",
+    )
+    p.add_argument(
         "--entry",
         choices=["cli", "app"],
         default="cli",
@@ -979,6 +1002,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     global GATEWAY_SRC, RUN_STAMP
     args = parse_args(argv)
+    os.environ["MAILWARD_BENCH_POLICY"] = args.policy
     if args.gateway_src:
         GATEWAY_SRC = args.gateway_src.resolve()
         if not (GATEWAY_SRC / "gateway" / "cli").is_dir():
