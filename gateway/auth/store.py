@@ -66,7 +66,7 @@ class AccountError(GatewayError):
 
 
 class InvalidLogin(AccountError):
-    pass
+    """The login is empty or not acceptable as a login."""
 
 
 class UnknownLogin(AccountError):
@@ -80,15 +80,15 @@ class DuplicateLogin(AccountError):
 
 
 class InvalidPattern(AccountError):
-    pass
+    """An address or ``@domain`` pattern that is not well formed."""
 
 
 class DuplicatePattern(AccountError):
-    pass
+    """The pattern is already owned (or already granted) by an account."""
 
 
 class PatternNotFound(AccountError):
-    pass
+    """The account has no such address or grant."""
 
 
 @dataclass(frozen=True, slots=True)

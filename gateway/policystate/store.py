@@ -43,7 +43,7 @@ class OverrideInfo:
 
 
 class OverrideNotFound(GatewayError):
-    pass
+    """No limit override with that id."""
 
 
 class SqlPolicyState:

@@ -301,7 +301,7 @@ class UpstreamRelay:
             if conn.smtp.is_connected:
                 await conn.smtp.quit(timeout=min(self._config.command_timeout, _QUIT_TIMEOUT))
         except _TRANSPORT_ERRORS:
-            pass
+            pass  # closing anyway: a failed QUIT on a dying connection changes nothing
         finally:
             conn.smtp.close()
             self._all.discard(conn)

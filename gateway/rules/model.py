@@ -150,7 +150,7 @@ class RecipientsMatch:
 
 @dataclass(frozen=True, slots=True)
 class GtubeMatch:
-    pass
+    """Matches the GTUBE test string in the message (no parameters)."""
 
 
 @dataclass(frozen=True, slots=True)
