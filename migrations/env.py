@@ -21,7 +21,8 @@ from sqlalchemy import Connection
 import gateway.audit.models
 import gateway.auth.models
 import gateway.policystate.models
-import gateway.quarantine.models  # noqa: F401  (register the tables on the metadata)
+import gateway.quarantine.models
+import gateway.queue.models  # noqa: F401  (register the tables on the metadata)
 from gateway.db.base import Base
 from gateway.db.engine import engine_for_url
 

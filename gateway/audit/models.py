@@ -3,7 +3,7 @@
 What it does: declares ``audit_record`` (what happened, to whom it was told, when, by which session
 and login), ``audit_recipient`` (each RCPT with its final status and reply, in order) and
 ``audit_verdict`` (each non-continue check verdict, applied or "would have", with its evidence).
-The schema is created by the Alembic revision ``0001``.
+The schema is created by the Alembic revision ``0001`` (``kind`` widened by ``0005``).
 
 Design for what comes later: the integer ``id`` grows monotonically, so listing is keyset-paginated
 on it (newest first) and a hash chain can later be added as extra columns computed over finished
@@ -24,7 +24,8 @@ from sqlalchemy.orm import Mapped, mapped_column
 
 from gateway.db.base import Base, BigIntId, UtcDateTime
 
-#: Record kinds: a message transaction or a session-level event.
+#: Record kinds: a message transaction or a session-level event (at most 32 characters, the
+#: width of ``audit_record.kind`` since revision ``0005``; append new kinds at the end).
 KINDS = (
     "message",
     "auth-failure",
@@ -33,12 +34,20 @@ KINDS = (
     "dropped",
     "refused",
     "timeout",
-    # compromised-account stage transitions (check account-guard, `mailward account`); "acct-"
-    # because the kind column is VARCHAR(16) and "account-suspended" would not fit
-    "acct-flagged",
-    "acct-held",
-    "acct-suspended",
-    "acct-released",
+    # compromised-account stage transitions (check account-guard, `mailward account`)
+    "account-flagged",
+    "account-held",
+    "account-suspended",
+    "account-released",
+    # operator decisions on quarantined messages (`mailward quarantine release|delete`)
+    "quarantine-release",
+    "quarantine-release-failed",
+    "quarantine-delete",
+    # operator actions on the durable queue (`mailward queue retry|hold|release|delete`)
+    "queue-retry",
+    "queue-hold",
+    "queue-release",
+    "queue-delete",
 )
 SESSION_EVENT_KINDS = KINDS[1:]
 #: Outcomes of message records ("relaying" until finish_message completes the record).
@@ -58,7 +67,7 @@ class AuditRecordRow(Base):
     __tablename__ = "audit_record"
 
     id: Mapped[int] = mapped_column(BigIntId, primary_key=True, autoincrement=True)
-    kind: Mapped[str] = mapped_column(String(16))
+    kind: Mapped[str] = mapped_column(String(32))
     outcome: Mapped[str | None] = mapped_column(String(16))
     started_at: Mapped[datetime] = mapped_column(UtcDateTime, index=True)
     ended_at: Mapped[datetime | None] = mapped_column(UtcDateTime)

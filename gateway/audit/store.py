@@ -463,6 +463,29 @@ class SqlAuditStore:
             await conn.execute(insert(VERDICT), rows)
         return record_id
 
+    @staticmethod
+    async def record_decision_in(
+        conn: AsyncConnection,
+        session: Session,
+        kind: str,
+        detail: str,
+        *,
+        login: str | None,
+        transaction_id: str,
+        queue_id: str,
+        upstream_reply: str | None = None,
+    ) -> int:
+        """Like :meth:`record_event_in`, for an operator's decision about one message (a
+        quarantine release or delete): the record also names the message's transaction and queue
+        id (which link it to the message's own record) and the upstream's reply to a release."""
+        record = {
+            **_event_record(session, kind, detail, login),
+            "transaction_id": _text(transaction_id, 80),
+            "queue_id": _text(queue_id),
+            "upstream_reply": _text(upstream_reply),
+        }
+        return int((await conn.execute(insert(RECORD).returning(RECORD.c.id), record)).scalar_one())
+
     # --- group-commit writer ---------------------------------------------------------------------
 
     def _new_write(

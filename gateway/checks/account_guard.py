@@ -34,10 +34,11 @@ refused ``550 5.7.1 Account suspended, contact support``, and a message whose en
 decision is refused with it). ``max_stage`` caps what the check does by itself. The stage never
 goes down by itself: only an operator's ``mailward account release`` does, which also starts the
 login's counters afresh (the counters' keys carry the row's ``epoch``, bumped by each release).
-Every transition is an audit event (kinds ``acct-flagged``, ``acct-held``, ``acct-suspended``,
-``acct-released``) written in the same database transaction as the new stage, with the evidence
-(each signal's measured value, threshold, baseline and level; the score and stage thresholds) in
-``detail`` and in a verdict of check ``account-guard``; the row keeps the evidence as JSON.
+Every transition is an audit event (kinds ``account-flagged``, ``account-held``,
+``account-suspended``, ``account-released``) written in the same database transaction as the new
+stage, with the evidence (each signal's measured value, threshold, baseline and level; the score
+and stage thresholds) in ``detail`` and in a verdict of check ``account-guard``; the row keeps the
+evidence as JSON.
 
 **Stages of the SMTP dialogue.** ``auth``: only ``record_auth`` (failure counting, client
 addresses, bursts; a transition can happen here); ``mail``: refuses a suspended login; ``data``:

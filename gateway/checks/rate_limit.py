@@ -27,7 +27,7 @@ import ipaddress
 import logging
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from gateway.config.schema import LimitRuleConfig, LimitsConfig, TierConfig
@@ -60,6 +60,15 @@ class _Limit:
     tiers: tuple[Tier, ...]
 
 
+@dataclass(slots=True)
+class _TxnState:
+    """Per transaction (``txn.check_state["rate-limit"]``): the limits that apply, and what the end
+    of data charged (refunded by ``finish`` when the upstream did not accept the message)."""
+
+    limits: list[_Limit]
+    charges: list[Charge] = field(default_factory=list)
+
+
 def client_key(ip: str, v4_prefix: int, v6_prefix: int) -> str:
     """The client IP grouped by prefix: ``192.0.2.7`` or ``2001:db8:1:2::/64``."""
     try:
@@ -67,6 +76,8 @@ def client_key(ip: str, v4_prefix: int, v6_prefix: int) -> str:
     except ValueError:
         return ip
     prefix = v4_prefix if addr.version == 4 else v6_prefix
+    if prefix == addr.max_prefixlen:
+        return f"{addr}/{prefix}"  # what the network below prints, without building it
     return str(ipaddress.ip_network(f"{addr}/{prefix}", strict=False).with_prefixlen)
 
 
@@ -80,6 +91,27 @@ def describe_tier(tier: Tier) -> str:
     return f"{tier.limit} per {tier.period:g}s"
 
 
+@dataclass(frozen=True, slots=True)
+class TierTable:
+    """Every limit's tiers from the configuration, built once: per limit, and per domain and per
+    login where ``[limits.domains]`` / ``[limits.logins]`` replace them."""
+
+    rules: Mapping[str, tuple[Tier, ...]]
+    domains: Mapping[str, Mapping[str, tuple[Tier, ...]]]
+    logins: Mapping[str, Mapping[str, tuple[Tier, ...]]]
+
+    @classmethod
+    def of(cls, config: LimitsConfig) -> TierTable:
+        def table(scoped: Mapping[str, Sequence[TierConfig]]) -> dict[str, tuple[Tier, ...]]:
+            return {limit_id: to_tiers(limit_id, tiers) for limit_id, tiers in scoped.items()}
+
+        return cls(
+            {limit_id: to_tiers(limit_id, rule.tiers) for limit_id, rule in config.rules.items()},
+            {domain: table(scoped) for domain, scoped in config.domains.items()},
+            {login: table(scoped) for login, scoped in config.logins.items()},
+        )
+
+
 async def resolve_limits(
     config: LimitsConfig,
     overrides: OverrideSource | None,
@@ -87,8 +119,12 @@ async def resolve_limits(
     login: str | None,
     client_ip: str | None,
     domain: str,
+    table: TierTable | None = None,
 ) -> list[_Limit]:
-    """The limits that apply, each with its key and its effective tiers (overrides applied)."""
+    """The limits that apply, each with its key and its effective tiers (overrides applied).
+    ``table``: the configuration's tiers built in advance (else built here)."""
+    if table is None:
+        table = TierTable.of(config)
     login = login.lower() if login else None
     timeboxed: Mapping[str, list[dict[str, Any]]] = {}
     if login and overrides is not None:
@@ -107,17 +143,20 @@ async def resolve_limits(
             if not domain:
                 continue
             key = f"domain:{domain}"
-        tiers = rule.tiers
-        if domain and limit_id in config.domains.get(domain, {}):
-            tiers = config.domains[domain][limit_id]
-        if login and limit_id in config.logins.get(login, {}):
-            tiers = config.logins[login][limit_id]
+        tiers = table.rules[limit_id]
+        if domain and limit_id in table.domains.get(domain, {}):
+            tiers = table.domains[domain][limit_id]
+        if login and limit_id in table.logins.get(login, {}):
+            tiers = table.logins[login][limit_id]
         if limit_id in timeboxed:
-            tiers = [
-                build(TierConfig, raw, "limit override", f"{limit_id}.tiers[{i}]")
-                for i, raw in enumerate(timeboxed[limit_id])
-            ]
-        limits.append(_Limit(limit_id, rule, f"{limit_id}:{key}", to_tiers(limit_id, tiers)))
+            tiers = to_tiers(
+                limit_id,
+                [
+                    build(TierConfig, raw, "limit override", f"{limit_id}.tiers[{i}]")
+                    for i, raw in enumerate(timeboxed[limit_id])
+                ],
+            )
+        limits.append(_Limit(limit_id, rule, f"{limit_id}:{key}", tiers))
     return limits
 
 
@@ -186,22 +225,37 @@ class RateLimit:
         self.config = config
         self.store = store
         self.overrides = overrides
+        self.table = TierTable.of(config)
 
     # -- which limits apply ------------------------------------------------------------------------
-    async def _limits(self, txn: Transaction) -> list[_Limit]:
+    async def _state(self, txn: Transaction) -> _TxnState:
+        """The transaction's limits, resolved once (at its first stage) and kept for the others:
+        login, client and sender are fixed for a transaction, and the override lookup is a
+        database query."""
+        state = txn.check_state.get(CHECK_ID)
+        if isinstance(state, _TxnState):
+            return state
         login = txn.session.login
         domain = txn.mail_from.rpartition("@")[2].lower() if "@" in txn.mail_from else ""
-        return await resolve_limits(
-            self.config, self.overrides, login=login, client_ip=txn.session.client_ip, domain=domain
+        limits = await resolve_limits(
+            self.config,
+            self.overrides,
+            login=login,
+            client_ip=txn.session.client_ip,
+            domain=domain,
+            table=self.table,
         )
+        state = txn.check_state[CHECK_ID] = _TxnState(limits)
+        return state
 
     # -- the check ---------------------------------------------------------------------------------
     async def evaluate(self, stage: Stage, txn: Transaction, rcpt: Recipient | None) -> Verdict:
-        limits = await self._limits(txn)
+        state = await self._state(txn)
+        limits = state.limits
         if not limits:
             return CONTINUE
         try:
-            return await self._evaluate(stage, txn, rcpt, limits)
+            return await self._evaluate(stage, txn, rcpt, state)
         except StoreUnavailable as exc:
             if all(lim.rule.fail_open for lim in limits):
                 log.warning("limit store unavailable, failing open txn=%s: %s", txn.id, exc)
@@ -209,8 +263,9 @@ class RateLimit:
             raise
 
     async def _evaluate(
-        self, stage: Stage, txn: Transaction, rcpt: Recipient | None, limits: list[_Limit]
+        self, stage: Stage, txn: Transaction, rcpt: Recipient | None, state: _TxnState
     ) -> Verdict:
+        limits = state.limits
         accepted = [r.address for r in txn.accepted if r is not rcpt]
         charges: list[Charge] = []
         distinct: list[_Limit] = []
@@ -259,7 +314,7 @@ class RateLimit:
                     stage, lim.id, tier, result.count_after, tier.period, never=False
                 )
         if charge and charges:
-            txn.check_state[CHECK_ID] = charges
+            state.charges = charges
         return CONTINUE
 
     def _over(self, stage: Stage, decision: Decision, limits: list[_Limit]) -> Verdict:
@@ -290,8 +345,9 @@ class RateLimit:
 
     async def finish(self, txn: Transaction, delivered: bool) -> None:
         """After the relay: give the end-of-data charge back if the mail was not accepted."""
-        charges = txn.check_state.pop(CHECK_ID, None)
-        if isinstance(charges, list) and charges and not delivered:
+        state = txn.check_state.pop(CHECK_ID, None)
+        charges = state.charges if isinstance(state, _TxnState) else None
+        if charges and not delivered:
             try:
                 await self.store.refund(charges)
             except StoreUnavailable as exc:

@@ -23,8 +23,11 @@ Reads: the message bytes (in memory only), the recipients, the login, the limit 
 ``rspamd_url``, rspamd's answer.
 
 Security notes: symbols' details carry header names, counts and list entries, never message
-content; nothing here logs the message. The scan runs in a worker thread with the check's timeout,
-so a pathological message cannot stall other sessions; the regexes are bounded at load. With
+content; nothing here logs the message. A message larger than ``inline_max_bytes`` is scanned in a
+worker thread with the check's timeout, so a large or pathological message cannot stall other
+sessions; a small one is scanned on the event loop (the hand-off to a thread costs more than the
+scan; the regexes are linted for backtracking at load and the MIME walk is bounded, so a small
+message's scan is bounded too). With
 ``rspamd_url`` the message and envelope go to that rspamd (a local service the operator
 configured); only rspamd's symbol names and scores come back into results and logs.
 """
@@ -32,6 +35,7 @@ configured); only rspamd's symbol names and scores come back into results and lo
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import math
 from dataclasses import dataclass
@@ -70,6 +74,12 @@ class Options:
     )
     fanout_window: str = doc_field("1h", "Window for the identical-content fan-out (duration).")
     fanout_score: float = doc_field(6.0, "Score of FANOUT_IDENTICAL_CONTENT.")
+    inline_max_bytes: int = doc_field(
+        32768,
+        "Messages up to this size are scanned on the event loop; larger ones in a worker thread "
+        "(bounded by the check's `timeout`, other sessions keep running). A thread hand-off costs "
+        "more than scanning a small message; 0 sends every scan to a thread.",
+    )
     rspamd_url: str = doc_field(
         "",
         "An rspamd normal worker also asked about every message (`POST /checkv2`), e.g. "
@@ -100,6 +110,8 @@ class Options:
             raise ConfigError("", "fanout_window", str(exc)) from None
         if self.fanout_recipients < 0:
             raise ConfigError("", "fanout_recipients", "must not be negative")
+        if self.inline_max_bytes < 0:
+            raise ConfigError("", "inline_max_bytes", "must not be negative")
         if self.rspamd_url:
             try:
                 parse_url(self.rspamd_url)
@@ -206,13 +218,20 @@ class SpamScore:
     async def _scan_own(self, txn: Transaction) -> tuple[Result, list[SymbolHit], float]:
         assert txn.content is not None
         recipients = [r.address for r in txn.accepted]
-        result = await asyncio.to_thread(
+        scan = functools.partial(
             self.engine.scan,
             txn.content,
             recipients=recipients,
             login=txn.session.login,
-            with_fingerprint=self.options.fanout_recipients > 0,
+            # the fan-out is counted per login: no login, no fingerprint to compare
+            with_fingerprint=self.options.fanout_recipients > 0
+            and bool(txn.session.login)
+            and bool(recipients),
         )
+        if len(txn.content) <= self.options.inline_max_bytes:
+            result = scan()
+        else:
+            result = await asyncio.to_thread(scan)
         symbols = list(result.symbols)
         score = result.score
         login = txn.session.login

@@ -11,8 +11,9 @@ What it does:
     quarantine (``mailward quarantine`` releases or deletes them, one by one, after review);
   * ``account suspend LOGIN [--reason T]`` — suspend by hand: MAIL FROM is refused
     ``550 5.7.1 Account suspended, contact support`` until a release.
-Release and suspend are audited (kinds ``acct-released`` / ``acct-suspended``, with the operator
-and the reason; written in the same database transaction as the new stage) and logged at WARNING.
+Release and suspend are audited (kinds ``account-released`` / ``account-suspended``, with the
+operator and the reason; written in the same database transaction as the new stage) and logged at
+WARNING.
 They work on the database directly, with or without a running gateway; each gateway instance
 picks a change up within ``[checks.account-guard] state_cache``. Exit 0 on success (also when the
 login already was at the stage asked for), 1 for an unknown login (suspend) or an unreachable
@@ -34,18 +35,18 @@ import asyncio
 import getpass
 import json
 import logging
-import re
 from collections.abc import Awaitable, Callable
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from gateway.checks.account_guard import CHECK_ID
-from gateway.cli.common import EXIT_OK, load, print_table
+from gateway.cli.common import EXIT_OK, load, print_fields, print_table, printable
 from gateway.cli.db import report
 from gateway.config import Config
 from gateway.core import replies
 from gateway.core.errors import GatewayError
 from gateway.core.model import Action, Mode, Session, Stage, VerdictRecord
+from gateway.policystate.account_state import EVENT_KINDS
 from gateway.policystate.models import ACCOUNT_STAGES
 
 if TYPE_CHECKING:
@@ -57,7 +58,8 @@ T = TypeVar("T")
 log = logging.getLogger("mailward.account")
 
 HISTORY = 10
-_CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f-\x9f]")
+#: Width of the labels of ``account status``.
+_LABEL_WIDTH = 12
 
 
 def register(sub: Any) -> None:
@@ -89,11 +91,6 @@ def operator() -> str:
         return f"cli:{getpass.getuser()}"
     except (OSError, KeyError, ImportError):
         return "cli"
-
-
-def printable(text: str) -> str:
-    """``text`` with control characters escaped, safe to print on a terminal."""
-    return _CONTROL.sub(lambda m: f"\\x{ord(m.group(0)):02x}", text)
 
 
 def _when(value: datetime | None) -> str:
@@ -142,7 +139,8 @@ def handle_status(args: argparse.Namespace) -> int:
     async def fetch(stores: Stores) -> tuple[AccountState, list[Any]]:
         state = await stores.account_state.get(args.login)
         records = await stores.audit.list_records(login=state.login, check_id=CHECK_ID, limit=200)
-        history = [r for r in records if r.kind.startswith("acct-")][:HISTORY]
+        kinds = set(EVENT_KINDS.values())
+        history = [r for r in records if r.kind in kinds][:HISTORY]
         return state, history
 
     try:
@@ -164,20 +162,27 @@ def handle_status(args: argparse.Namespace) -> int:
         ]
         print(json.dumps(data))
         return EXIT_OK
-    print(f"login:      {printable(state.login)}")
-    if state.since is None:
-        print("stage:      ok (never flagged)")
-    else:
-        print(
-            f"stage:      {state.stage} since {_when(state.since)} by {printable(state.updated_by)}"
-        )
+    stage = (
+        "ok (never flagged)"
+        if state.since is None
+        else f"{state.stage} since {_when(state.since)} by {state.updated_by}"
+    )
+    print_fields([("login", state.login), ("stage", stage)], indent="", width=_LABEL_WIDTH)
     if state.evidence:
+        # JSON escapes every control and non-ASCII character; printable() is belt and braces
         lines = json.dumps(dict(state.evidence), indent=2, sort_keys=True).splitlines()
-        print("evidence:   " + "\n            ".join(printable(line) for line in lines))
+        print(
+            f"{'evidence:':<{_LABEL_WIDTH}}"
+            + ("\n" + " " * _LABEL_WIDTH).join(printable(line) for line in lines)
+        )
     if history:
+        width = max(len(kind) for kind in EVENT_KINDS.values())
         print("history (newest first):")
         for r in history:
-            print(f"  {r.id:>8}  {_when(r.started_at)}  {r.kind:<15} {printable(r.detail or '')}")
+            print(
+                f"  {r.id:>8}  {_when(r.started_at)}  {printable(r.kind):<{width}} "
+                f"{printable(r.detail or '')}"
+            )
     return EXIT_OK
 
 
@@ -253,7 +258,7 @@ def _change(args: argparse.Namespace, stage: str) -> int:
         transition.after.stage,
         by,
         transition.audit_id,
-        reason or "no reason given",
+        printable(reason or "no reason given"),
     )
     print(
         f"{login}: {transition.before.stage} -> {transition.after.stage} "

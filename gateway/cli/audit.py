@@ -10,8 +10,11 @@ unreachable or the record does not exist, 2 for bad options (a bad date names th
 
 Reads: the configuration (``database.*``) and the audit tables.
 
-Security notes: the audit holds no message content, so none can be printed; values that came from
-clients are printed as stored (the store made them NUL-free and bounded).
+Security notes: the audit holds no message content, so none can be printed. Values that came from
+clients (HELO, addresses, Message-ID, replies, reasons, details) are printed with control and bidi
+characters escaped (:func:`gateway.cli.common.printable`: ``\x1b``, ``\x0d``, ``\u202e``), in the
+table and in ``show``, so a client cannot drive or reorder the operator's terminal; ``--json``
+prints them exactly, JSON-escaped.
 """
 
 from __future__ import annotations
@@ -25,7 +28,16 @@ from typing import Any, TypeVar
 
 from gateway.audit.models import KINDS, OUTCOMES
 from gateway.audit.store import MAX_PAGE, AuditRecord, SqlAuditStore
-from gateway.cli.common import EXIT_CONFIG, EXIT_FAILURE, EXIT_OK, fail, load, print_table
+from gateway.cli.common import (
+    EXIT_CONFIG,
+    EXIT_FAILURE,
+    EXIT_OK,
+    fail,
+    format_fields,
+    load,
+    print_table,
+    printable,
+)
 from gateway.cli.db import report
 from gateway.config import Config
 from gateway.core.errors import GatewayError
@@ -104,7 +116,7 @@ def _with_store(config: Config, fn: Callable[[SqlAuditStore], Awaitable[T]]) -> 
 
 
 def _short(value: object, width: int) -> str:
-    text = "-" if value is None or value == "" else str(value)
+    text = "-" if value is None or value == "" else printable(value)
     return text if len(text) <= width else text[: width - 3] + "..."
 
 
@@ -198,30 +210,35 @@ _FIELDS = (
 
 
 def format_record(record: AuditRecord) -> str:
-    """The human-readable form of ``audit show``."""
-    lines = [f"audit record {record.id}"]
+    """The human-readable form of ``audit show`` (every stored value through ``printable``)."""
+    pairs: list[tuple[str, object]] = []
     for attr, label in _FIELDS:
         value = getattr(record, attr)
-        if isinstance(value, datetime):
-            value = value.isoformat()
         if attr == "mail_from" and value == "":
             value = "<> (null sender)"
-        lines.append(f"  {label + ':':<16}{'-' if value is None else value}")
+        pairs.append((label, value))
+    lines = [f"audit record {record.id}", *format_fields(pairs)]
     lines.append(f"  recipients ({len(record.recipients)}):")
     for rcpt in record.recipients:
-        lines.append(f"    {rcpt.position + 1}. {rcpt.address}  {rcpt.status}  {rcpt.reply or '-'}")
+        lines.append(
+            f"    {rcpt.position + 1}. {printable(rcpt.address)}  {printable(rcpt.status)}  "
+            f"{printable(rcpt.reply or '-')}"
+        )
     lines.append(f"  verdicts ({len(record.verdicts)}):")
     for v in record.verdicts:
         applied = "applied" if v.applied else "not applied (would have)"
-        target = f" rcpt={v.recipient}" if v.recipient else ""
+        target = f" rcpt={printable(v.recipient)}" if v.recipient else ""
         lines.append(
-            f"    {v.position + 1}. {v.check_id} at {v.stage}: {v.action} ({v.mode}, {applied})"
-            f"{target}"
+            f"    {v.position + 1}. {printable(v.check_id)} at {printable(v.stage)}: "
+            f"{printable(v.action)} ({printable(v.mode)}, {applied}){target}"
         )
-        lines.append(f"       reply: {v.reply or '-'}")
-        lines.append(f"       reason: {v.reason or '-'}")
+        lines.append(f"       reply: {printable(v.reply or '-')}")
+        lines.append(f"       reason: {printable(v.reason or '-')}")
         if v.measured is not None or v.limit is not None:
-            lines.append(f"       measured: {v.measured or '-'}  limit: {v.limit or '-'}")
+            lines.append(
+                f"       measured: {printable(v.measured or '-')}  "
+                f"limit: {printable(v.limit or '-')}"
+            )
     return "\n".join(lines)
 
 

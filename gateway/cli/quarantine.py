@@ -11,16 +11,22 @@ recipient is named, and nothing is sent unless all are accepted). ``delete ID`` 
 ``deleted`` and erases the stored bytes. Release and delete work only on ``held`` or
 ``release-failed`` entries; a second release is refused. ``--force`` also acts on an entry left
 ``releasing`` by an interrupted release (check first whether the upstream got it). Each decision
-records ``decided_at`` and ``decided_by`` (``cli:<OS user>``) in the row and is logged at WARNING
-(logger ``mailward.quarantine``). Exit 0 on success, 1 for an unknown id, a refused decision, a
-failed release or an unreachable database (one line), 2 for bad options or configuration.
+records ``decided_at`` and ``decided_by`` (``cli:<OS user>``) in the row, is an audit event
+written in the same database transaction (kinds ``quarantine-release``,
+``quarantine-release-failed``, ``quarantine-delete``; listener ``cli``; the entry's queue id and
+transaction id, the operator and the upstream's reply: ``mailward audit list --kind ...``) and is
+logged at WARNING (logger ``mailward.quarantine``). Exit 0 on success, 1 for an unknown id, a
+refused decision, a failed release or an unreachable database (one line), 2 for bad options or
+configuration.
 
-Reads: the configuration (``database.*``; ``[relay]`` and ``smtp.hostname`` for release), the
-``quarantine`` table, the upstream relay (release only).
+Reads/writes: the configuration (``database.*``; ``[relay]`` and ``smtp.hostname`` for release),
+the ``quarantine`` table, ``audit_record`` (decisions), the upstream relay (release only).
 
 Security notes: the body of a held message is never printed; ``--headers`` prints the header block
-only, with control characters escaped (headers come from clients: no terminal escape sequences
-reach the terminal). The relay password is resolved from the configuration and never printed.
+only. Everything printed that came from clients (addresses, Message-ID, headers, reasons, replies)
+has its control and bidi characters escaped (:func:`gateway.cli.common.printable`), so no terminal
+escape sequence or text reordering reaches the terminal; ``--json`` stays exact (JSON-escaped).
+The relay password is resolved from the configuration and never printed.
 """
 
 from __future__ import annotations
@@ -30,12 +36,19 @@ import asyncio
 import getpass
 import json
 import logging
-import re
 from collections.abc import Awaitable, Callable
-from datetime import UTC, datetime
+from datetime import UTC
 from typing import Any, TypeVar
 
-from gateway.cli.common import EXIT_FAILURE, EXIT_OK, fail, load, print_table
+from gateway.cli.common import (
+    EXIT_FAILURE,
+    EXIT_OK,
+    fail,
+    format_fields,
+    load,
+    print_table,
+    printable,
+)
 from gateway.cli.db import report
 from gateway.config import Config
 from gateway.core.errors import GatewayError
@@ -47,8 +60,6 @@ from gateway.quarantine.store import MAX_PAGE, QuarantineEntry, SqlQuarantine
 T = TypeVar("T")
 
 log = logging.getLogger("mailward.quarantine")
-
-_CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f-\x9f]")
 
 
 def _positive(value: str) -> int:
@@ -124,11 +135,6 @@ def operator() -> str:
         return f"cli:{getpass.getuser()}"
     except (OSError, KeyError, ImportError):
         return "cli"
-
-
-def printable(text: str) -> str:
-    """``text`` with control characters (but tab) escaped, safe to print on a terminal."""
-    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
 
 
 def _with_store(config: Config, fn: Callable[[SqlQuarantine], Awaitable[T]]) -> T:
@@ -219,17 +225,13 @@ _FIELDS = (
 
 def format_entry(entry: QuarantineEntry) -> str:
     """The human-readable metadata of ``quarantine show`` (no message content)."""
-    lines = [f"quarantine entry {entry.id}"]
+    pairs: list[tuple[str, object]] = []
     for attr, label in _FIELDS:
         value = getattr(entry, attr)
-        if isinstance(value, datetime):
-            value = value.isoformat()
-        elif isinstance(value, bool):
-            value = "yes" if value else "no"
         if attr == "mail_from" and value == "":
             value = "<> (null sender)"
-        text = "-" if value is None else printable(str(value))
-        lines.append(f"  {label + ':':<16}{text}")
+        pairs.append((label, value))
+    lines = [f"quarantine entry {entry.id}", *format_fields(pairs)]
     lines.append(f"  recipients ({len(entry.recipients)}):")
     for i, address in enumerate(entry.recipients, 1):
         lines.append(f"    {i}. {printable(address)}")
@@ -242,7 +244,7 @@ def header_lines(message: bytes) -> list[str]:
     lines = block.decode("utf-8", "backslashreplace").split("\r\n")
     while lines and not lines[-1]:
         lines.pop()
-    return [printable(line) for line in lines]
+    return [printable(line, keep_tabs=True) for line in lines]
 
 
 def handle_show(args: argparse.Namespace) -> int:

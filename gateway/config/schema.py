@@ -365,6 +365,129 @@ class LimitsConfig:
                         )
 
 
+_SIZE_UNITS = {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}
+
+
+def parse_size(text: str) -> int:
+    """``"0"``, ``"4096"``, ``"512M"``, ``"2G"`` (binary units K, M, G, T) → bytes (ValueError
+    otherwise)."""
+    text = text.strip().upper().removesuffix("B")
+    unit = text[-1:] if text[-1:] in _SIZE_UNITS else ""
+    number = text[: len(text) - len(unit)]
+    if not number.isdigit():
+        raise ValueError(f"bad size {text!r} (use e.g. 0, 4096, 512M, 2G)")
+    return int(number) * _SIZE_UNITS[unit]
+
+
+@dataclass(frozen=True)
+class QueueConfig:
+    spool_dir: str = doc_field(
+        "{state_dir}/spool",
+        "Directory of the durable queue's spool files (one per queued copy, fsynced before the "
+        "client gets 250). `{state_dir}` is replaced by `state_dir`. Every gateway process that "
+        "shares one queue database must share this directory.",
+    )
+    on_upstream_tempfail: Literal["queue", "defer"] = doc_field(
+        "queue",
+        "When the upstream is unreachable or answers 4xx for the whole message: `queue` takes "
+        "custody (250 to the client, retried from the queue, bounced if it never goes through); "
+        "`defer` answers 451 and the client keeps the message. Recipients the upstream already "
+        "accepted are never resent; the rest of a partial delivery is always queued.",
+    )
+    lifetime: str = doc_field(
+        "5d",
+        "How long a queued message is retried before it is bounced (`5.4.7 delivery time "
+        "expired`); a duration like `30m`, `12h`, `5d` (RFC 5321 4.5.4.1: at least 4-5 days).",
+    )
+    retry_first: str = doc_field(
+        "5m",
+        "Delay before the first retry; each further retry waits twice as long (with ±20 % "
+        "jitter), up to `retry_max`.",
+    )
+    retry_max: str = doc_field("1h", "Longest delay between two retries.")
+    warn_after: str = doc_field(
+        "4h",
+        "Send the sender one warning DSN (`Action: delayed`) when a message is still queued this "
+        "long after it arrived; empty or `0` turns warnings off.",
+    )
+    min_free_space: str = doc_field(
+        "512M",
+        "Refuse new mail (452 4.3.1) when writing it to the spool would leave less free space than "
+        "this (`0`, bytes, or with a unit: `512M`, `2G`).",
+    )
+    runner_interval: str = doc_field(
+        "10s",
+        "How often the queue runner looks for copies due for delivery (it is also woken when a "
+        "message is queued).",
+    )
+    runner_batch: int = doc_field(
+        20, "Most queued copies one runner claims and delivers at once (concurrently)."
+    )
+    claim_lease: str = doc_field(
+        "20m",
+        "How long a runner's claim on a copy lasts: another gateway process may attempt it only "
+        "after this, so it must exceed one whole upstream transaction (connect, commands and "
+        "`relay.data_timeout`); a delivery still running then is abandoned and retried.",
+    )
+
+    def spool_path(self, state_dir: str) -> str:
+        return self.spool_dir.replace("{state_dir}", state_dir)
+
+    @property
+    def lifetime_seconds(self) -> float:
+        return parse_duration(self.lifetime)
+
+    @property
+    def retry_first_seconds(self) -> float:
+        return parse_duration(self.retry_first)
+
+    @property
+    def retry_max_seconds(self) -> float:
+        return parse_duration(self.retry_max)
+
+    @property
+    def warn_after_seconds(self) -> float | None:
+        """None when warnings are off."""
+        if self.warn_after.strip() in ("", "0"):
+            return None
+        return parse_duration(self.warn_after)
+
+    @property
+    def min_free_bytes(self) -> int:
+        return parse_size(self.min_free_space)
+
+    @property
+    def runner_interval_seconds(self) -> float:
+        return parse_duration(self.runner_interval)
+
+    @property
+    def claim_lease_seconds(self) -> float:
+        return parse_duration(self.claim_lease)
+
+    def validate(self) -> None:
+        if not self.spool_dir.strip():
+            raise ConfigError("", "spool_dir", "must not be empty")
+        for key in ("lifetime", "retry_first", "retry_max", "runner_interval", "claim_lease"):
+            try:
+                parse_duration(getattr(self, key))
+            except ValueError as exc:
+                raise ConfigError("", key, str(exc)) from None
+        try:
+            self.warn_after_seconds  # noqa: B018
+        except ValueError as exc:
+            raise ConfigError("", "warn_after", str(exc)) from None
+        try:
+            parse_size(self.min_free_space)
+        except ValueError as exc:
+            raise ConfigError("", "min_free_space", str(exc)) from None
+        if self.retry_max_seconds < self.retry_first_seconds:
+            raise ConfigError("", "retry_max", "must not be shorter than retry_first")
+        if self.claim_lease_seconds < 60:
+            raise ConfigError("", "claim_lease", "must be at least 1m")
+        if self.runner_batch < 1:
+            raise ConfigError("", "runner_batch", "must be at least 1")
+
+
 @dataclass(frozen=True)
 class LogConfig:
     level: Literal["debug", "info", "warning", "error"] = doc_field("info", "Log level.")
@@ -383,6 +506,7 @@ class Config:
     audit: AuditConfig = field(default_factory=AuditConfig, metadata={"doc": ""})
     pipeline: PipelineConfig = field(default_factory=PipelineConfig, metadata={"doc": ""})
     limits: LimitsConfig = field(default_factory=LimitsConfig, metadata={"doc": ""})
+    queue: QueueConfig = field(default_factory=QueueConfig, metadata={"doc": ""})
     log: LogConfig = field(default_factory=LogConfig, metadata={"doc": ""})
     checks: dict[str, dict[str, Any]] = doc_field(
         {},

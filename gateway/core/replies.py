@@ -164,6 +164,8 @@ UPSTREAM_SMTPUTF8_UNSUPPORTED = Reply(553, "5.6.7", "Upstream relay does not sup
 UPSTREAM_8BIT_UNSUPPORTED = Reply(554, "5.6.3", "Upstream relay does not support 8BITMIME")
 AUDIT_UNAVAILABLE = Reply(451, "4.3.0", "Audit log unavailable, try again later")
 QUARANTINE_UNAVAILABLE = Reply(451, "4.3.0", "Quarantine unavailable, try again later")
+QUEUE_UNAVAILABLE = Reply(451, "4.3.0", "Queue unavailable, try again later")
+INSUFFICIENT_STORAGE = Reply(452, "4.3.1", "Insufficient system storage, try again later")
 HELD_FOR_REVIEW = Reply(250, "2.0.0", "Ok: held for review as Q{id} (transaction {txn})")
 
 

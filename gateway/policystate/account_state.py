@@ -12,12 +12,13 @@ What it does: :class:`SqlAccountState` keeps one ``account_state`` row per login
 * :meth:`~SqlAccountState.set_stage` sets any stage — used by the operator (``mailward account
   release|suspend``). A move back to ``ok`` (a release) bumps the row's ``epoch``: the check keys
   its counters by it, so a released login starts with clean counters on every gateway instance.
-* Each transition and its audit event (kinds ``acct-flagged``, ``acct-held``, ``acct-suspended``,
-  ``acct-released``, :data:`EVENT_KINDS`, with the evidence in ``detail`` and a verdict of check
-  ``account-guard``) are written in ONE database transaction, so no transition exists without its
-  audit event and no event claims a transition that did not happen. The row is locked while it is
-  decided (``SELECT … FOR UPDATE`` on PostgreSQL; SQLite serialises writers), so two gateway
-  instances escalating the same login at once produce one transition, not two.
+* Each transition and its audit event (kinds ``account-flagged``, ``account-held``,
+  ``account-suspended``, ``account-released``, :data:`EVENT_KINDS`, with the evidence in
+  ``detail`` and a verdict of check ``account-guard``) are written in ONE database transaction,
+  so no transition exists without its audit event and no event claims a transition that did not
+  happen. The row is locked while it is decided (``SELECT … FOR UPDATE`` on PostgreSQL; SQLite
+  serialises writers), so two gateway instances escalating the same login at once produce one
+  transition, not two.
 * :meth:`~SqlAccountState.baseline` measures what is normal for a login: over a past period, the
   mean number of delivered messages and of distinct delivered-to recipients per *active* window
   (a window of the given length in which the login had at least one message delivered), from the
@@ -62,10 +63,10 @@ OK, FLAGGED, HELD, SUSPENDED = STAGES
 RANK = {stage: i for i, stage in enumerate(STAGES)}
 #: The audit kind of the event written when a login moves TO a stage.
 EVENT_KINDS = {
-    FLAGGED: "acct-flagged",
-    HELD: "acct-held",
-    SUSPENDED: "acct-suspended",
-    OK: "acct-released",
+    FLAGGED: "account-flagged",
+    HELD: "account-held",
+    SUSPENDED: "account-suspended",
+    OK: "account-released",
 }
 
 ACCOUNT_STATE = cast(Table, AccountStateRow.__table__)

@@ -165,7 +165,11 @@ async def release_held(
         )
         try:
             return await store.mark(
-                entry_id, RELEASE_FAILED, decided_by=decided_by, upstream_reply=str(exc)
+                entry_id,
+                RELEASE_FAILED,
+                decided_by=decided_by,
+                upstream_reply=str(exc),
+                force=force,  # recorded in the audit event
             )
         except GatewayError as store_error:
             raise StoreUnavailable(
@@ -177,7 +181,7 @@ async def release_held(
         raise
     try:
         recorded = await store.mark(
-            entry_id, RELEASED, decided_by=decided_by, upstream_reply=str(reply)
+            entry_id, RELEASED, decided_by=decided_by, upstream_reply=str(reply), force=force
         )
     except GatewayError as exc:
         log.error(

@@ -7,13 +7,21 @@ on the id, without the bytes; :meth:`~SqlQuarantine.get`: one row with its bytes
 operator's decision (:meth:`~SqlQuarantine.mark`: an atomic conditional UPDATE, so two operators
 can never both release the same message; see :data:`gateway.quarantine.models.STATUSES`).
 
+Every final decision is an audit event written in the same database transaction as the new status
+(:data:`DECISION_KINDS`: ``quarantine-release``, ``quarantine-release-failed``,
+``quarantine-delete``), so neither exists without the other: the record names the entry (queue id
+``Q<id>``), the message's transaction id, the sender's login, the operator (``detail``: "... by
+cli:<OS user>") and, for a release, the upstream's reply. Claiming an entry for a release
+(``releasing``) is not an event: its outcome is.
+
 A hold that is not committed within ``timeout`` raises StoreUnavailable (the caller answers 4xx
 and the client will send the message again). The write is not cancelled midway (that can leave a
 connection holding locks); if it commits after the caller gave up, the row is immediately marked
 ``deleted`` by ``mailward`` and its bytes are cleared, so no message the client was told to retry
 stays held (a release would deliver it twice).
 
-Reads/writes: the ``quarantine`` table (Alembic revision ``0003``).
+Reads/writes: the ``quarantine`` table (Alembic revision ``0003``); decisions write an
+``audit_record`` row.
 
 Security notes: held messages are message bodies: they are never logged, and only :meth:`get`
 returns them. Envelope addresses are stored exactly as received (they are relayed on release);
@@ -35,9 +43,10 @@ from typing import Any, TypeVar, cast
 from sqlalchemy import RowMapping, Table, insert, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
+from gateway.audit.store import SqlAuditStore
 from gateway.core.errors import GatewayError, StoreUnavailable
 from gateway.core.message import Headers, sha256_hex
-from gateway.core.model import Transaction, utcnow
+from gateway.core.model import Session, Transaction, utcnow
 from gateway.db.engine import DB_ERRORS, DetachedTimeouts, describe_db_error, safe_url
 from gateway.quarantine.models import (
     DELETED,
@@ -62,6 +71,12 @@ TEXT_LIMIT = 2000
 UNCONFIRMED_BY = "mailward (hold committed after the client was told to retry)"
 
 _METADATA_COLUMNS = tuple(c for c in QUARANTINE.columns if c.name != "message")
+#: The audit kind of the event written when a decision sets a status.
+DECISION_KINDS = {
+    RELEASED: "quarantine-release",
+    RELEASE_FAILED: "quarantine-release-failed",
+    DELETED: "quarantine-delete",
+}
 
 
 class QuarantineNotFound(GatewayError):
@@ -192,6 +207,23 @@ def _origins(status: str, force: bool) -> tuple[str, ...]:
 
 
 _VERBS = {RELEASING: "released", DELETED: "deleted", RELEASED: "marked released"}
+_DECISION_VERBS = {RELEASED: "released", RELEASE_FAILED: "release failed", DELETED: "deleted"}
+
+
+def queue_id(entry_id: int) -> str:
+    """How the client's 250 reply and the audit name a quarantine entry: ``Q<id>``."""
+    return f"Q{entry_id}"
+
+
+def _decision_detail(entry: QuarantineEntry, by: str, forced: bool) -> str:
+    """The audit ``detail`` of a decision: what was decided about which entry, by whom."""
+    detail = f"quarantine {queue_id(entry.id)} {_DECISION_VERBS[entry.status]} by {by}"
+    if forced:
+        detail += " (forced)"
+    detail += f"; held by check {entry.check_id}"
+    if entry.upstream_reply:
+        detail += f": {entry.upstream_reply}"
+    return detail
 
 
 def _refusal(entry_id: int, wanted: str, current: str, by: str | None, at: datetime | None) -> str:
@@ -374,20 +406,25 @@ class SqlQuarantine:
         decided_by: str,
         upstream_reply: str | None = None,
         force: bool = False,
+        interface: str = "cli",
     ) -> QuarantineEntry:
         """Record a decision atomically and return the entry as it now is (without bytes).
 
         ``releasing`` (a release claims the entry before relaying) and ``deleted`` (which also
         clears the bytes) are allowed from ``held`` and ``release-failed`` -- with ``force`` also
         from ``releasing``, for a release that was interrupted; ``released`` and
-        ``release-failed`` from those three. Raises QuarantineNotFound, QuarantineStateError
-        (e.g. a second release), StoreUnavailable; ValueError for an unknown status.
+        ``release-failed`` from those three. ``released``, ``release-failed`` and ``deleted``
+        write their audit event (:data:`DECISION_KINDS`; ``interface`` is the operator's tool,
+        recorded as the event's listener) in the same database transaction. Raises
+        QuarantineNotFound, QuarantineStateError (e.g. a second release), StoreUnavailable;
+        ValueError for an unknown status.
         """
         origins = _origins(status, force)
+        by = _text(decided_by, 255) or ""
         values: dict[str, Any] = {
             "status": status,
             "decided_at": utcnow(),
-            "decided_by": _text(decided_by, 255) or "",
+            "decided_by": by,
             "upstream_reply": _text(upstream_reply),
         }
         if status == DELETED:
@@ -417,6 +454,18 @@ class SqlQuarantine:
                     ),
                     status=current["status"],
                 )
-            return _entry(current)
+            entry = _entry(current)
+            if status in DECISION_KINDS:
+                await SqlAuditStore.record_decision_in(
+                    conn,
+                    Session(client_ip="-", client_port=0, listener=interface),
+                    DECISION_KINDS[status],
+                    _decision_detail(entry, by, force),
+                    login=entry.login,
+                    transaction_id=entry.transaction_id,
+                    queue_id=queue_id(entry.id),
+                    upstream_reply=entry.upstream_reply,
+                )
+            return entry
 
         return await self._run(fn, write=True)

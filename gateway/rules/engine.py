@@ -12,7 +12,9 @@ tracking tokens (for identical-content fan-out limits); :func:`format_result` pr
 Bounds on regex input (Python's ``re`` has no timeout): a header value is cut at
 ``MAX_HEADER_VALUE`` (8 KiB), the body text, the HTML source and the raw message at ``MAX_SCAN``
 (256 KiB) each. The loader refuses regexes that could backtrack badly within those bounds, and every
-regex has a literal prefilter, so most rules cost a substring search on a non-matching message.
+regex has a literal prefilter, so most rules cost a set lookup on a non-matching message: every body
+and HTML rule's literals are found in one Aho-Corasick pass per text (:class:`LiteralIndex`,
+``pyahocorasick``), not one substring search per literal and rule.
 
 Reads: the message bytes, the envelope recipients and the login it is given.
 
@@ -27,10 +29,12 @@ from __future__ import annotations
 import hashlib
 import re
 import types
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from email.utils import getaddresses, parsedate_tz
 from functools import cached_property
+
+import ahocorasick
 
 from gateway.rules.mime import (
     Decoded,
@@ -104,12 +108,14 @@ class MessageView:
         limits: MimeLimits,
         recipients: Sequence[str] = (),
         login: str | None = None,
+        indexes: LiteralIndexes | None = None,
     ) -> None:
         self.data = data
         self.parsed = parsed
         self.limits = limits
         self.recipients = tuple(recipients)
         self.login = login
+        self.indexes = indexes
         self._headers: dict[tuple[str, str], list[str]] = {}
 
     @classmethod
@@ -119,9 +125,10 @@ class MessageView:
         limits: MimeLimits | None = None,
         recipients: Sequence[str] = (),
         login: str | None = None,
+        indexes: LiteralIndexes | None = None,
     ) -> MessageView:
         limits = limits or MimeLimits()
-        return cls(data, parse_message(data, limits), limits, recipients, login)
+        return cls(data, parse_message(data, limits), limits, recipients, login, indexes)
 
     # headers ---------------------------------------------------------------------------------------
 
@@ -171,21 +178,26 @@ class MessageView:
             return self.html_text
         return (self.plain_text + "\n" + self.html_text)[:MAX_SCAN]
 
+    def _haystack(self, text: str, original: Haystack | None = None) -> Haystack:
+        indexes = self.indexes
+        index = None if indexes is None else indexes[0 if original is None else 1]
+        return Haystack(text, original, index)
+
     @cached_property
     def body(self) -> Haystack:
-        return Haystack(self.body_text)
+        return self._haystack(self.body_text)
 
     @cached_property
     def body_lower(self) -> Haystack:
-        return Haystack(self.body_text.lower(), self.body)
+        return self._haystack(self.body_text.lower(), self.body)
 
     @cached_property
     def html(self) -> Haystack:
-        return Haystack(self.html_source)
+        return self._haystack(self.html_source)
 
     @cached_property
     def html_lower(self) -> Haystack:
-        return Haystack(self.html_source.lower(), self.html)
+        return self._haystack(self.html_source.lower(), self.html)
 
     @cached_property
     def raw(self) -> bytes:
@@ -387,6 +399,33 @@ EVALS: Mapping[str, EvalSpec] = types.MappingProxyType(
 # --- compiling rules into tests --------------------------------------------------------------------
 
 
+class LiteralIndex:
+    """Every prefilter literal of a rule set in one Aho-Corasick automaton: one pass over a text
+    says which of them occur in it (instead of one substring search per literal and rule).
+
+    Built once per RuleEngine; immutable after construction, safe to share between threads."""
+
+    __slots__ = ("_automaton", "literals")
+
+    def __init__(self, literals: Iterable[str]) -> None:
+        self.literals = frozenset(lit for lit in literals if lit)
+        automaton = ahocorasick.Automaton()
+        for lit in self.literals:
+            automaton.add_word(lit, lit)
+        automaton.make_automaton()
+        self._automaton = automaton
+
+    def present(self, text: str) -> frozenset[str]:
+        """The indexed literals that occur in ``text``."""
+        if not self.literals:
+            return frozenset()
+        return frozenset(lit for _, lit in self._automaton.iter(text))
+
+
+#: (index of the as-is texts' literals, index of the lower-cased texts' literals)
+LiteralIndexes = tuple[LiteralIndex, LiteralIndex]
+
+
 class Haystack:
     """A text that rules search, with a cache of which literals occur in it.
 
@@ -395,11 +434,15 @@ class Haystack:
     built once (for the lower-cased twin: the original's, lower-cased); the answers are cached.
     """
 
-    __slots__ = ("_original", "_seen", "_tokens", "text")
+    __slots__ = ("_index", "_original", "_present", "_seen", "_tokens", "text")
 
-    def __init__(self, text: str, original: Haystack | None = None) -> None:
+    def __init__(
+        self, text: str, original: Haystack | None = None, index: LiteralIndex | None = None
+    ) -> None:
         self.text = text
         self._original = original
+        self._index = index
+        self._present: frozenset[str] | None = None
         self._tokens: str | None = None
         self._seen: dict[str, bool] = {}
 
@@ -411,7 +454,22 @@ class Haystack:
                 self._tokens = "\n".join(set(self.text.split()))
         return self._tokens
 
+    def present(self) -> frozenset[str] | None:
+        """The indexed literals that occur in the text, or None without an index. The engine
+        indexes every literal of its own rules, so a rule tests its literals against this set."""
+        index = self._index
+        if index is None:
+            return None
+        if self._present is None:
+            self._present = index.present(self.text)
+        return self._present
+
     def has(self, literal: str) -> bool:
+        index = self._index
+        if index is not None and literal in index.literals:
+            present = self.present()
+            assert present is not None
+            return literal in present
         text = self.text
         if len(text) <= WINDOW_FROM:
             return literal in text
@@ -432,9 +490,27 @@ def _first_literals(pattern: Pattern) -> tuple[str, ...]:
     return tuple(sorted({lit for alternative in pattern.prefilter for lit in alternative[0]}))
 
 
-def _search(pattern: Pattern, first: tuple[str, ...], text: Haystack, lowered: Haystack) -> bool:
+@dataclass(frozen=True, slots=True)
+class _Literals:
+    """A pattern's prefilter as sets: the first clauses' literals, and each alternative's clauses."""
+
+    first: tuple[str, ...]
+    first_set: frozenset[str]
+    clauses: tuple[tuple[frozenset[str], ...], ...]
+
+    @classmethod
+    def of(cls, pattern: Pattern) -> _Literals:
+        first = _first_literals(pattern)
+        clauses = tuple(
+            tuple(frozenset(clause) for clause in alternative)
+            for alternative in pattern.prefilter or ()
+        )
+        return cls(first, frozenset(first), clauses)
+
+
+def _search(pattern: Pattern, lits: _Literals, text: Haystack, lowered: Haystack) -> bool:
     """Whether the pattern matches ``text`` (``lowered`` is the same lower-cased), cheaply: the
-    regex is skipped when its prefilter fails (``first``: see _first_literals), and in a long text
+    regex is skipped when its prefilter fails (``lits``: see _first_literals), and in a long text
     it only runs around the literals that occur."""
     if pattern.lowered is not None:
         regex, hay = pattern.lowered, lowered
@@ -444,16 +520,23 @@ def _search(pattern: Pattern, first: tuple[str, ...], text: Haystack, lowered: H
     if prefilter is None:
         return regex.search(hay.text) is not None
     lit_hay = lowered if pattern.literals_lower else text
-    if len(lit_hay.text) <= WINDOW_FROM:
-        contains = lit_hay.text.__contains__
-        if not any(map(contains, first)):
+    present = lit_hay.present()
+    if present is not None and len(lit_hay.text) <= WINDOW_FROM:
+        # set operations only: the index already found every literal of the engine's rules
+        if lits.first_set.isdisjoint(present):
             return False
-        for alternative in prefilter:
-            if all(any(map(contains, clause)) for clause in alternative):
+        for clause_sets in lits.clauses:
+            if not any(clause.isdisjoint(present) for clause in clause_sets):
                 return regex.search(hay.text) is not None
         return False
+    first = lits.first
     has = lit_hay.has
     if not any(map(has, first)):
+        return False
+    if len(lit_hay.text) <= WINDOW_FROM:
+        for alternative in prefilter:
+            if all(any(map(has, clause)) for clause in alternative):
+                return regex.search(hay.text) is not None
         return False
     anchors: list[str] = []
     for alternative in prefilter:
@@ -530,10 +613,10 @@ def _header_test(m: HeaderMatch) -> Test:
 
 def _text_test(m: TextMatch) -> Test:
     pattern = m.pattern
-    first = _first_literals(pattern)
+    lits = _Literals.of(pattern)
     if m.target == "body":
-        return lambda v: "body" if _search(pattern, first, v.body, v.body_lower) else None
-    return lambda v: "html" if _search(pattern, first, v.html, v.html_lower) else None
+        return lambda v: "body" if _search(pattern, lits, v.body, v.body_lower) else None
+    return lambda v: "html" if _search(pattern, lits, v.html, v.html_lower) else None
 
 
 def _url_test(m: UrlMatch) -> Test:
@@ -658,6 +741,19 @@ def _meta_order(metas: Sequence[Rule]) -> list[Rule]:
     return order
 
 
+def _literal_indexes(matchers: Iterable[object]) -> LiteralIndexes:
+    """The prefilter literals of the body/html rules: (as-is text's, lower-cased text's)."""
+    as_is: set[str] = set()
+    lower: set[str] = set()
+    for m in matchers:
+        if isinstance(m, TextMatch) and m.pattern.prefilter is not None:
+            into = lower if m.pattern.literals_lower else as_is
+            into.update(
+                lit for alternative in m.pattern.prefilter for c in alternative for lit in c
+            )
+    return LiteralIndex(as_is), LiteralIndex(lower)
+
+
 class RuleEngine:
     """Scans messages with one RuleSet. Immutable after construction; safe to share."""
 
@@ -666,11 +762,12 @@ class RuleEngine:
         enabled = ruleset.enabled
         self._plain = tuple((r, _test(r)) for r in enabled if not isinstance(r.matcher, MetaMatch))
         self._meta = tuple(_meta_order([r for r in enabled if isinstance(r.matcher, MetaMatch)]))
+        self._indexes = _literal_indexes(r.matcher for r in enabled)
 
     def view(
         self, message: bytes, *, recipients: Sequence[str] = (), login: str | None = None
     ) -> MessageView:
-        return MessageView.of(message, self.ruleset.limits, recipients, login)
+        return MessageView.of(message, self.ruleset.limits, recipients, login, self._indexes)
 
     def scan(
         self,
@@ -708,7 +805,11 @@ class RuleEngine:
 # --- fingerprint -----------------------------------------------------------------------------------
 
 _FP_URL = re.compile(r"(?:\b(?:https?|ftp)://|\bwww\d{0,3}\.)[^\s<>\"']{1,2048}", re.IGNORECASE)
-_FP_TOKEN = re.compile(r"[^\W\d_]{0,64}\d[\w-]{0,256}|\w{24,256}")
+# A token starts where a letter run starts, never inside one (the lookbehinds; the possessive run
+# cannot backtrack), so a word costs one try instead of one per letter. The text replaced is the
+# same as when every position is tried (checked on the corpus); a letter run longer than 64 before
+# a digit is caught whole by the second branch.
+_FP_TOKEN = re.compile(r"(?<![^\W\d_])[^\W\d_]{0,64}+\d[\w-]{0,256}|(?<!\w)\w{24,256}")
 _FP_SPACE = re.compile(r"\s+")
 
 

@@ -1,7 +1,7 @@
 """Contract of the account-state store (``SqlAccountState``) on every database backend.
 
 Stages move up only through ``escalate`` and in any direction through ``set_stage``; every change is
-one ``account_state`` row update plus one audit event (kind ``acct-*``, verdict ``account-guard``)
+one ``account_state`` row update plus one audit event (kind ``account-*``, verdict ``account-guard``)
 in the same database transaction; concurrent escalations make one transition; a release bumps the
 epoch; the baseline is the login's mean delivered messages and distinct recipients per active
 window, from the audit tables. Every test runs on SQLite and, when MAILWARD_TEST_POSTGRES_URL is
@@ -98,7 +98,7 @@ async def test_escalate_moves_up_and_audits_in_the_same_transaction(stores: Stor
 
     record = await stores.audit.get_record(result.audit_id)
     assert record is not None
-    assert (record.kind, record.login, record.client_ip) == ("acct-flagged", LOGIN, "192.0.2.7")
+    assert (record.kind, record.login, record.client_ip) == ("account-flagged", LOGIN, "192.0.2.7")
     assert record.detail == "ok -> flagged: score 1: volume 3 vs 2"
     (v,) = record.verdicts
     assert (v.check_id, v.stage, v.action, v.mode, v.applied) == (
@@ -117,7 +117,7 @@ async def test_escalate_moves_up_and_audits_in_the_same_transaction(stores: Stor
     held = await escalate(store, HELD, verdict=verdict(action=Action.HOLD))
     assert (held.before.stage, held.after.stage) == (FLAGGED, HELD)
     kinds = [r.kind for r in await stores.audit.list_records(login=LOGIN)]
-    assert kinds == ["acct-held", "acct-flagged"]
+    assert kinds == ["account-held", "account-flagged"]
 
 
 async def test_set_stage_goes_both_ways_and_a_release_bumps_the_epoch(stores: Stores) -> None:
@@ -151,8 +151,8 @@ async def test_set_stage_goes_both_ways_and_a_release_bumps_the_epoch(stores: St
     assert not noop.changed and noop.after.epoch == 1
     events = await stores.audit.list_records(login=LOGIN)
     assert [(r.kind, r.listener, r.client_ip) for r in events] == [
-        ("acct-released", "cli", "-"),
-        ("acct-suspended", "cli", "-"),
+        ("account-released", "cli", "-"),
+        ("account-suspended", "cli", "-"),
     ]
     assert events[0].detail == "suspended -> ok: released"
     assert events[0].verdicts == ()
@@ -184,7 +184,7 @@ async def test_concurrent_escalations_make_one_transition(stores: Stores) -> Non
     results = await asyncio.gather(*(escalate(store, HELD) for _ in range(8)))
     assert sum(r.changed for r in results) == 1
     assert all(r.after.stage == HELD for r in results)
-    assert [r.kind for r in await stores.audit.list_records(login=LOGIN)] == ["acct-held"]
+    assert [r.kind for r in await stores.audit.list_records(login=LOGIN)] == ["account-held"]
 
 
 async def test_no_transition_without_its_audit_event(

@@ -26,11 +26,13 @@ from gateway.app import make_pipeline
 from gateway.config import load_config
 from gateway.core.errors import ConfigError
 from gateway.core.model import Identity, Recipient, RecipientStatus, Session, Transaction, utcnow
+from gateway.policystate.account_state import EVENT_KINDS
 from tests.fixtures.gateway import PASSWORD, RunningGateway
 
 REDIS = os.environ.get("MAILWARD_TEST_REDIS_URL")
 STORES = ["memory", *(["redis"] if REDIS else [])]
 SUSPENDED_REPLY = "550 5.7.1 Account suspended, contact support"
+ACCOUNT_EVENT_KINDS = frozenset(EVENT_KINDS.values())
 HUGE = [{"limit": 1_000_000, "period": "1h"}]
 LIMITS = (
     "login-messages",
@@ -123,7 +125,7 @@ class Guarded:
 
     def events(self) -> list[Any]:
         """The login's stage transitions, oldest first."""
-        return [r for r in self.gw.records(login=self.login) if r.kind.startswith("acct-")]
+        return [r for r in self.gw.records(login=self.login) if r.kind in ACCOUNT_EVENT_KINDS]
 
     def stage(self) -> str:
         assert self.gw.app.stores is not None
@@ -164,7 +166,7 @@ def test_volume_burst_is_flagged_then_held_then_suspended_until_released(
     # 3 > 2: flagged -- audited with its evidence, alerted, and the mail still flows
     assert t.send().startswith("250 2.0.0 Ok: queued")
     (flagged,) = t.events()
-    assert flagged.kind == "acct-flagged" and flagged.login == t.login
+    assert flagged.kind == "account-flagged" and flagged.login == t.login
     assert flagged.detail.startswith("ok -> flagged: at data (transaction ")
     assert "score 1: volume 3 vs 2 (baseline 2 per 1h (floor) x1) level 1 x1" in flagged.detail
     assert "flag at 1, hold at 2, suspend at 3, max stage suspend" in flagged.detail
@@ -188,7 +190,7 @@ def test_volume_burst_is_flagged_then_held_then_suspended_until_released(
     reply = t.send()
     assert reply.startswith("250 2.0.0 Ok: held for review as Q"), reply
     assert len(t.gw.upstream.messages) == 4
-    assert [e.kind for e in t.events()] == ["acct-flagged", "acct-held"]
+    assert [e.kind for e in t.events()] == ["account-flagged", "account-held"]
     held_record = t.gw.records(login=t.login, kind="message")[-1]
     assert held_record.outcome == "held" and [r.status for r in held_record.recipients] == ["held"]
     assert [(v.check_id, v.action) for v in held_record.verdicts] == [("account-guard", "hold")]
@@ -202,7 +204,7 @@ def test_volume_burst_is_flagged_then_held_then_suspended_until_released(
     assert t.send() == SUSPENDED_REPLY
     assert t.send() == SUSPENDED_REPLY
     assert len(t.gw.upstream.messages) == 4
-    assert [e.kind for e in t.events()] == ["acct-flagged", "acct-held", "acct-suspended"]
+    assert [e.kind for e in t.events()] == ["account-flagged", "account-held", "account-suspended"]
     suspended = t.events()[-1]
     assert suspended.detail.startswith("held -> suspended: at data")
     assert "volume 7 vs 2" in suspended.detail and "level 3" in suspended.detail
@@ -226,7 +228,7 @@ def test_volume_burst_is_flagged_then_held_then_suspended_until_released(
     assert t.send().startswith("250 2.0.0 Ok: queued")
     assert len(t.gw.upstream.messages) == 6
     released = t.events()[-1]
-    assert released.kind == "acct-released" and released.listener == "cli"
+    assert released.kind == "account-released" and released.listener == "cli"
     assert released.detail.startswith("suspended -> ok: released by operator cli")
     assert released.detail.endswith(": customer reset password")
     assert t.stage() == "ok"
@@ -235,10 +237,10 @@ def test_volume_burst_is_flagged_then_held_then_suspended_until_released(
     status = json.loads(out)
     assert (status["stage"], status["epoch"]) == ("ok", 1)
     assert [h["kind"] for h in status["history"]] == [
-        "acct-released",
-        "acct-suspended",
-        "acct-held",
-        "acct-flagged",
+        "account-released",
+        "account-suspended",
+        "account-held",
+        "account-flagged",
     ]
 
 
@@ -250,14 +252,14 @@ def test_many_client_addresses_flag_then_hold_at_auth(make_gateway: Any, store_u
     assert t.events() == []
     assert t.auth(PASSWORD, "127.0.0.4") == 235  # the third address: flagged, AUTH still fine
     (flagged,) = t.events()
-    assert flagged.kind == "acct-flagged" and flagged.client_ip == "127.0.0.4"
+    assert flagged.kind == "account-flagged" and flagged.client_ip == "127.0.0.4"
     assert "ips 3 vs 3 (client addresses in 1h) level 1" in flagged.detail
     assert flagged.verdicts[0].stage == "auth"
     assert t.send(ip="127.0.0.4").startswith("250 2.0.0 Ok: queued")  # flagged: mail flows
 
     for ip in ("127.0.0.5", "127.0.0.6", "127.0.0.7"):
         assert t.auth(PASSWORD, ip) == 235
-    assert [e.kind for e in t.events()] == ["acct-flagged", "acct-held"]
+    assert [e.kind for e in t.events()] == ["account-flagged", "account-held"]
     assert "ips 6 vs 3" in t.events()[-1].detail
     assert t.send(ip="127.0.0.7").startswith("250 2.0.0 Ok: held for review")
     assert len(t.gw.upstream.messages) == 1
@@ -276,11 +278,11 @@ def test_auth_failure_burst_then_success_flags(make_gateway: Any, store_url: str
     assert t.auth("guess3", "127.0.0.4") == 535  # the 4th failure within the window
     assert t.auth(PASSWORD, "127.0.0.4") == 235
     (flagged,) = t.events()
-    assert flagged.kind == "acct-flagged" and flagged.client_ip == "127.0.0.4"
+    assert flagged.kind == "account-flagged" and flagged.client_ip == "127.0.0.4"
     assert "auth-burst 1 vs 1" in flagged.detail
     # the burst was consumed by the success that revealed it: no second one from it
     assert t.auth(PASSWORD, "127.0.0.4") == 235
-    assert [e.kind for e in t.events()] == ["acct-flagged"]
+    assert [e.kind for e in t.events()] == ["account-flagged"]
     assert t.send().startswith("250 2.0.0 Ok: queued")
 
 
@@ -338,7 +340,7 @@ def test_max_stage_flag_never_holds(make_gateway: Any, store_url: str) -> None:
     for _ in range(8):  # up to 8 times the threshold
         assert t.send().startswith("250 2.0.0 Ok: queued")
     assert len(t.gw.upstream.messages) == 8
-    assert [e.kind for e in t.events()] == ["acct-flagged"]
+    assert [e.kind for e in t.events()] == ["account-flagged"]
     assert t.stage() == "flagged"
 
 
@@ -387,7 +389,7 @@ def test_operator_suspends_and_releases_by_hand(
     time.sleep(0.3)
     assert t.send().startswith("250 2.0.0 Ok: queued")
     kinds = [(e.kind, e.listener) for e in t.events()]
-    assert kinds == [("acct-suspended", "cli"), ("acct-released", "cli")]
+    assert kinds == [("account-suspended", "cli"), ("account-released", "cli")]
     assert t.events()[0].detail.startswith("ok -> suspended: suspended by operator cli")
     assert t.events()[0].detail.endswith(": phishing report #42")
 

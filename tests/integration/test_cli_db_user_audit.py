@@ -2,7 +2,8 @@
 
 Most tests call ``gateway.cli.main`` in-process (the function the ``mailward`` console script
 runs); a few run the installed ``mailward`` script in a subprocess to check exit codes and the
-absence of tracebacks end to end.
+absence of tracebacks end to end. Client-supplied text holding terminal control and bidi
+characters is checked to be printed escaped (and exact in JSON).
 """
 
 from __future__ import annotations
@@ -39,6 +40,12 @@ PW = "s3cret-enough"
 ENTRY = "import sys; from gateway.cli import main; sys.exit(main(sys.argv[1:]))"
 
 Cli = Callable[..., tuple[int, str, str]]
+
+#: Client text that would clear the screen, return the cursor, reverse the line (RLO) and open a
+#: bidi isolate, plus a C1 CSI and DEL: printed, each must appear escaped and never raw.
+NASTY = "\x1b[2J\r\u202e\u2066\x9b\x7f"
+NASTY_ESCAPED = "\\x1b[2J\\x0d\\u202e\\u2066\\x9b\\x7f"
+RAW_CONTROLS = ("\x1b", "\r", "\u202e", "\u2066", "\x9b", "\x7f")
 
 
 def write_config(path: Path, db_url: str, state_dir: Path) -> Path:
@@ -375,3 +382,117 @@ def test_audit_show_everything(cli: Cli, db_url: str, tmp_path: Path) -> None:
 def test_audit_list_on_an_empty_log(cli: Cli) -> None:
     code, out, _ = cli("audit", "list")
     assert code == 0 and "no matching audit records" in out
+
+
+# --- terminal safety -----------------------------------------------------------------------------
+
+
+def _seed_nasty(db_url: str, tmp_path: Path) -> tuple[int, int]:
+    """A message record and a session event whose client-supplied text holds NASTY."""
+
+    async def go() -> tuple[int, int]:
+        stores = await open_stores(make_db_config(db_url, tmp_path / "s"), migrate=False)
+        try:
+            session = Session("198.51.100.4", 50000, "submission")
+            session.helo = f"helo{NASTY}"
+            session.identity = Identity(f"alice{NASTY}", 1, ("alice@example.com",))
+            txn = Transaction(session, f"alice{NASTY}@example.com")
+            txn.recipients = [
+                Recipient(f"bob{NASTY}@example.net", RecipientStatus.REJECTED, f"550 5.1.1 {NASTY}")
+            ]
+            txn.message_id = f"<id{NASTY}@example.com>"
+            txn.verdicts.append(
+                VerdictRecord(
+                    "spam-score",
+                    Stage.DATA,
+                    Action.REJECT,
+                    Mode.ENFORCE,
+                    f"550 5.7.1 {NASTY}",
+                    f"subject {NASTY}",
+                    measured=f"m{NASTY}",
+                )
+            )
+            txn.final_reply = f"550 5.7.1 {NASTY}"
+            await stores.audit.record_transaction(txn, "rejected")
+            await stores.audit.record_session_event(
+                session, "auth-failure", f"detail {NASTY}", f"eve{NASTY}"
+            )
+            event, message = [r.id for r in await stores.audit.list_records()]
+            return message, event
+        finally:
+            await stores.close()
+
+    return run_async(go())
+
+
+def _assert_no_raw_controls(out: str) -> None:
+    for raw in RAW_CONTROLS:
+        assert raw not in out, repr(raw)
+
+
+def test_audit_show_and_list_escape_client_text(cli: Cli, db_url: str, tmp_path: Path) -> None:
+    message_id, event_id = _seed_nasty(db_url, tmp_path)
+
+    code, out, err = cli("audit", "show", str(message_id))
+    assert code == 0, err
+    _assert_no_raw_controls(out)
+    for expected in (
+        f"helo:           helo{NASTY_ESCAPED}",
+        f"login:          alice{NASTY_ESCAPED}",
+        f"mail from:      alice{NASTY_ESCAPED}@example.com",
+        f"message-id:     <id{NASTY_ESCAPED}@example.com>",
+        f"final reply:    550 5.7.1 {NASTY_ESCAPED}",
+        f"1. bob{NASTY_ESCAPED}@example.net  rejected  550 5.1.1 {NASTY_ESCAPED}",
+        f"reply: 550 5.7.1 {NASTY_ESCAPED}",
+        f"reason: subject {NASTY_ESCAPED}",
+        f"measured: m{NASTY_ESCAPED}",
+    ):
+        assert expected in out, expected
+
+    code, out, _ = cli("audit", "show", str(event_id))
+    _assert_no_raw_controls(out)
+    assert f"detail:         detail {NASTY_ESCAPED}" in out
+
+    code, out, _ = cli("audit", "list")
+    assert code == 0
+    _assert_no_raw_controls(out)
+    assert f"eve{NASTY_ESCAPED}"[:21] in out and f"alice{NASTY_ESCAPED}"[:21] in out  # truncated
+    assert len(out.splitlines()) == 3  # header and two rows: no line was split or overwritten
+
+    # JSON stays exact: the stored values come back unchanged, escaped by JSON itself
+    code, out, _ = cli("audit", "show", str(message_id), "--json")
+    _assert_no_raw_controls(out)
+    data = json.loads(out)
+    assert (data["helo"], data["mail_from"], data["message_id"]) == (
+        f"helo{NASTY}",
+        f"alice{NASTY}@example.com",
+        f"<id{NASTY}@example.com>",
+    )
+    assert data["recipients"][0]["address"] == f"bob{NASTY}@example.net"
+    assert data["verdicts"][0]["reason"] == f"subject {NASTY}"
+    code, out, _ = cli("audit", "list", "--json")
+    _assert_no_raw_controls(out)
+    assert [json.loads(line)["login"] for line in out.splitlines()] == [
+        f"eve{NASTY}",
+        f"alice{NASTY}",
+    ]
+
+
+def test_account_status_escapes_the_operator_reason(cli: Cli) -> None:
+    assert cli("user", "add", "bob", "--password-stdin", stdin=PW)[0] == 0
+    code, _, err = cli("account", "suspend", "bob", "--reason", f"abuse {NASTY}")
+    assert code == 0, err
+
+    code, out, err = cli("account", "status", "bob")
+    assert code == 0, err
+    _assert_no_raw_controls(out)
+    assert out.startswith("login:      bob\nstage:      suspended since ")
+    assert "history (newest first):" in out
+    assert "account-suspended ok -> suspended: suspended by operator cli" in out
+    assert f": abuse {NASTY_ESCAPED}" in out  # the history line's detail
+    assert "abuse \\u001b[2J\\r\\u202e" in out  # the evidence, JSON-escaped
+
+    code, out, _ = cli("account", "status", "bob", "--json")
+    data = json.loads(out)
+    assert data["evidence"]["reason"] == f"abuse {NASTY}"
+    assert data["history"][0]["kind"] == "account-suspended"

@@ -6,18 +6,20 @@ import os
 import subprocess
 import sys
 import warnings
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
-from sqlalchemy import Connection, inspect, text
+from sqlalchemy import Connection, String, inspect, text
 
 import gateway.audit.models
 import gateway.auth.models
 import gateway.policystate.models
-import gateway.quarantine.models  # noqa: F401  (registers the tables)
+import gateway.quarantine.models
+import gateway.queue.models  # noqa: F401  (registers the tables)
 from gateway.config import Config
 from gateway.core.errors import StoreUnavailable
 from gateway.db.base import Base
@@ -40,6 +42,13 @@ REVISIONS = [
     ("0002", TABLES_0001 | {"limit_override"}),
     ("0003", TABLES_0001 | {"limit_override", "quarantine"}),
     ("0004", TABLES_0001 | {"limit_override", "quarantine", "account_state"}),
+    ("0005", TABLES_0001 | {"limit_override", "quarantine", "account_state"}),
+    (
+        "0006",
+        TABLES_0001
+        | {"limit_override", "quarantine", "account_state"}
+        | {"queue_message", "queue_copy", "queue_recipient"},
+    ),
 ]
 TABLES = REVISIONS[-1][1]
 HEAD = REVISIONS[-1][0]
@@ -86,6 +95,117 @@ async def test_every_revision_steps_down_and_up(empty_db_url: str) -> None:
         await downgrade(empty_db_url, previous)
         expected = REVISIONS[i - 1][1] if i else set()
         assert await _tables(empty_db_url) == expected
+
+
+async def _execute(url: str, statement: str, **params: Any) -> list[Any]:
+    engine = engine_for_url(url, pooled=False)
+    try:
+        async with engine.begin() as conn:
+            result = await conn.execute(text(statement), params)
+            return list(result.all()) if result.returns_rows else []
+    finally:
+        await engine.dispose()
+
+
+async def _kind_width(url: str) -> int | None:
+    engine = engine_for_url(url, pooled=False)
+    try:
+        async with engine.connect() as conn:
+            columns = await conn.run_sync(lambda c: inspect(c).get_columns("audit_record"))
+    finally:
+        await engine.dispose()
+    kind = next(c for c in columns if c["name"] == "kind")
+    assert isinstance(kind["type"], String)
+    return kind["type"].length
+
+
+async def _audit_row(url: str, record_id: int, kind: str) -> None:
+    """An audit record of ``kind`` with one recipient and one verdict (children that must
+    survive a change of the parent table)."""
+    await _execute(
+        url,
+        "INSERT INTO audit_record (id, kind, started_at, session_id, login) "
+        "VALUES (:id, :kind, :at, :session, 'alice')",
+        id=record_id,
+        kind=kind,
+        at=datetime(2026, 12, 1, tzinfo=UTC),
+        session=f"s{record_id}",
+    )
+    await _execute(
+        url,
+        "INSERT INTO audit_recipient (record_id, position, address, status, reply) "
+        "VALUES (:id, 0, 'bob@example.org', 'accepted', '250 2.1.5 Ok')",
+        id=record_id,
+    )
+    await _execute(
+        url,
+        "INSERT INTO audit_verdict (record_id, position, check_id, stage, action, mode, applied, "
+        "reply, reason) VALUES (:id, 0, 'account-guard', 'mail', 'continue', 'enforce', :t, '', "
+        "'why')",
+        id=record_id,
+        t=True,
+    )
+
+
+async def _audit_state(url: str) -> tuple[list[Any], int, int]:
+    kinds = await _execute(url, "SELECT id, kind FROM audit_record ORDER BY id")
+    recipients = await _execute(url, "SELECT count(*) FROM audit_recipient")
+    verdicts = await _execute(url, "SELECT count(*) FROM audit_verdict")
+    return [tuple(r) for r in kinds], recipients[0][0], verdicts[0][0]
+
+
+async def test_0005_widens_the_kind_and_renames_account_kinds(empty_db_url: str) -> None:
+    """0005 renames the stored acct-* kinds to account-* and back, widens kind to 32 characters
+    and back, and keeps every record with its recipients and verdicts (on SQLite, a table copy
+    would cascade-delete them)."""
+    await upgrade(empty_db_url, "0004")
+    old = ["acct-flagged", "acct-held", "acct-suspended", "acct-released", "message"]
+    for i, kind in enumerate(old, 1):
+        await _audit_row(empty_db_url, i, kind)
+    assert await _kind_width(empty_db_url) == 16
+
+    await upgrade(empty_db_url, "0005")
+    new = ["account-flagged", "account-held", "account-suspended", "account-released", "message"]
+    assert await _audit_state(empty_db_url) == (list(enumerate(new, 1)), 5, 5)
+    assert await _kind_width(empty_db_url) == 32
+    # the wider column takes the longest kind (PostgreSQL enforces the width)
+    await _audit_row(empty_db_url, 6, "quarantine-release-failed")
+    with pytest.raises(MigrationError, match="quarantine-release-failed"):
+        await downgrade(empty_db_url, "0004")
+    assert await current(empty_db_url) == "0005"  # refused: nothing changed
+    assert await _audit_state(empty_db_url) == (
+        [*enumerate(new, 1), (6, "quarantine-release-failed")],
+        6,
+        6,
+    )
+
+    await _execute(empty_db_url, "DELETE FROM audit_record WHERE id = 6")
+    await downgrade(empty_db_url, "0004")
+    assert await _audit_state(empty_db_url) == (list(enumerate(old, 1)), 5, 5)
+    assert await _kind_width(empty_db_url) == 16
+    await upgrade(empty_db_url)
+    assert await _audit_state(empty_db_url) == (list(enumerate(new, 1)), 5, 5)
+
+
+async def test_0005_keeps_the_audit_indexes(empty_db_url: str, db_backend: str) -> None:
+    await upgrade(empty_db_url)
+    await downgrade(empty_db_url, "0004")
+    await upgrade(empty_db_url)
+    query = (
+        "SELECT name FROM sqlite_master WHERE type = 'index'"
+        if db_backend == "sqlite"
+        else "SELECT indexname FROM pg_indexes WHERE schemaname = current_schema()"
+    )
+    names = {r[0] for r in await _execute(empty_db_url, query)}
+    assert {
+        "ix_audit_record_started_at",
+        "ix_audit_record_session_id",
+        "ix_audit_record_lower_login",
+        "ix_audit_record_lower_mail_from",
+    } <= names
+    if db_backend == "sqlite":
+        assert await _execute(empty_db_url, "PRAGMA integrity_check") == [("ok",)]
+        assert await _execute(empty_db_url, "PRAGMA foreign_key_check") == []
 
 
 async def test_models_match_the_migrated_schema(db_url: str) -> None:

@@ -26,7 +26,7 @@ from gateway.rules import (
     format_result,
     load_rules,
 )
-from gateway.rules.engine import GTUBE, Haystack, _first_literals, _search
+from gateway.rules.engine import GTUBE, Haystack, LiteralIndex, _Literals, _search
 from gateway.rules.loader import _text_pattern
 from tests.unit.rules.helpers import fired, message, ruleset, scan
 
@@ -232,7 +232,11 @@ def test_details_never_carry_message_content(tmp_path: Path) -> None:
 )
 def test_prefilter_lowering_and_windows_agree_with_plain_search(regex: str) -> None:
     pattern = _text_pattern(regex, "test", "regex")
-    first = _first_literals(pattern)
+    lits = _Literals.of(pattern)
+    # with the engine's literal index (one Aho-Corasick pass per text) and without it
+    literals = {lit for alternative in pattern.prefilter or () for c in alternative for lit in c}
+    index = LiteralIndex(literals)
+    lower_index, as_is_index = (index, None) if pattern.literals_lower else (None, index)
     filler = "lorem ipsum dolor sit amet, consectetur adipiscing elit. " * 300  # > 8 KiB
     samples = [
         "Please CLICK   here now",
@@ -250,7 +254,10 @@ def test_prefilter_lowering_and_windows_agree_with_plain_search(regex: str) -> N
             expected = re.search(regex, text) is not None
             plain = Haystack(text)
             lowered = Haystack(text.lower(), plain)
-            assert _search(pattern, first, plain, lowered) is expected, (regex, sample, len(text))
+            assert _search(pattern, lits, plain, lowered) is expected, (regex, sample, len(text))
+            plain = Haystack(text, None, as_is_index)
+            lowered = Haystack(text.lower(), plain, lower_index)
+            assert _search(pattern, lits, plain, lowered) is expected, (regex, sample, "indexed")
 
 
 def test_fingerprint_ignores_tracking_tokens_and_case() -> None:

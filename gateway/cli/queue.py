@@ -1,0 +1,699 @@
+"""``mailward queue list|show|retry|hold|release|delete``: the durable delivery queue, for operators.
+
+What it does:
+  * ``queue list [--state S] [--limit N] [--before-id ID] [--json]`` -- messages in the queue,
+    newest first (with ``--state``, those having a copy in state S: queued, held, done, corrupt,
+    deleted), one table row or JSON object each: envelope, pending recipients, attempts, next
+    attempt, last reply;
+  * ``queue show ID [--json]`` -- one message: its envelope and flags, and per copy its state,
+    schedule, claim, spool file and every recipient with its state and last reply;
+  * ``queue retry ID`` / ``queue retry --all`` -- make queued copies due now (the runner picks them
+    up at its next look, within ``queue.runner_interval``);
+  * ``queue hold ID`` -- stop the message's queued copies: never attempted until released;
+  * ``queue release ID`` -- put held copies back in the queue, due now;
+  * ``queue delete ID --bounce|--silently`` (one of the two is required) -- take the message out of
+    the queue: its pending recipients end ``bounced`` with a delivery status notification queued to
+    the envelope sender (``--bounce``: refused for a bounce, the null sender, auto-submitted mail
+    and a sender that is not one of the login's own addresses, as the runner would), or ``dropped``
+    with no notification (``--silently``); its spool files are erased.
+A copy being attempted right now (live claim) is never changed: the command says so (exit 1) and
+can be repeated once the attempt is recorded. Each action that changed something is an audit event
+(kinds ``queue-retry``, ``queue-hold``, ``queue-release``, ``queue-delete``; listener ``cli``; the
+message's transaction id and queue id, the operator ``cli:<OS user>``: ``mailward audit list
+--kind ...``) and is logged at WARNING (logger ``mailward.queue``). They work on the database
+directly, with or without a running gateway. Exit 0 on success (also when the message already
+was in the state asked for), 1 for an unknown id, a refused action, an unreachable database or
+spool (one line), 2 for bad options (an unknown state, a malformed id) or configuration.
+
+Reads/writes: the configuration (``database.*``, ``queue.spool_dir``, ``queue.lifetime``,
+``smtp.hostname``), the queue tables, the spool (``delete``: reads the original's header section
+for the bounce, writes the bounce, erases the deleted copies' files), ``audit_record`` (events),
+the ``account`` tables (``delete --bounce``: the sender's ownership).
+
+Security notes: message bodies are never printed (``show`` prints metadata only); everything
+printed that came from clients or upstreams (addresses, replies, Message-ID) has its control and
+bidi characters escaped (:func:`gateway.cli.common.printable`); ``--json`` stays exact.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import getpass
+import json
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from gateway.audit.store import SqlAuditStore
+from gateway.auth.store import SqlAccountStore, UnknownLogin
+from gateway.cli.common import (
+    EXIT_FAILURE,
+    EXIT_OK,
+    fail,
+    format_fields,
+    load,
+    print_table,
+    printable,
+)
+from gateway.cli.db import report
+from gateway.config import Config
+from gateway.core.errors import AuditUnavailable, GatewayError
+from gateway.core.message import Headers
+from gateway.core.model import Session, address_matches, utcnow
+from gateway.db.engine import DB_ERRORS, describe_db_error, open_engine
+from gateway.queue.dsn import build_dsn, envelope_flags, may_bounce
+from gateway.queue.model import (
+    BOUNCED,
+    COPY_STATES,
+    CORRUPT,
+    DELETED,
+    DROPPED,
+    HELD,
+    PENDING,
+    QUEUED,
+    NewCopy,
+    QueuedCopy,
+    QueuedMessage,
+    QueuedRecipient,
+)
+from gateway.queue.spool import Spool, SpoolCorrupt, SpoolError
+from gateway.queue.store import SqlQueueStore
+
+if TYPE_CHECKING:
+    from sqlalchemy.ext.asyncio import AsyncEngine
+
+T = TypeVar("T")
+
+log = logging.getLogger("mailward.queue")
+
+MAX_PAGE = 1000
+#: what ``delete`` takes out of the queue (done and deleted copies have nothing left to do)
+DELETABLE = (QUEUED, HELD, CORRUPT)
+#: the RFC 3463 status of a recipient bounced by an operator's delete (no better code exists)
+DELETED_STATUS = "5.0.0"
+
+
+def _positive(value: str) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}") from None
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}")
+    return number
+
+
+def _message_id(value: str) -> int:
+    """A queue id: the message's number, as ``queue list`` shows it."""
+    try:
+        number = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a queue id like 42, got {value!r}") from None
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"expected a queue id like 42, got {value!r}")
+    return number
+
+
+def register(sub: Any) -> None:
+    p: argparse.ArgumentParser = sub.add_parser(
+        "queue", help="the delivery queue: list, show, retry, hold, release, delete"
+    )
+    sub2 = p.add_subparsers(dest="queue_command", metavar="ACTION", required=True)
+
+    lst = sub2.add_parser("list", help="messages in the queue, newest first")
+    lst.add_argument("--state", choices=COPY_STATES, help="only messages with a copy in this state")
+    lst.add_argument(
+        "--limit",
+        type=_positive,
+        default=50,
+        help=f"messages per page (default 50, max {MAX_PAGE})",
+    )
+    lst.add_argument(
+        "--before-id", type=_positive, metavar="ID", help="only messages older than ID (next page)"
+    )
+    lst.add_argument("--json", action="store_true", help="one JSON object per line")
+    lst.set_defaults(func=handle_list)
+
+    show = sub2.add_parser("show", help="one message: envelope, copies, recipients (no content)")
+    show.add_argument("id", type=_message_id, metavar="ID", help="queue id")
+    show.add_argument("--json", action="store_true", help="as one JSON object")
+    show.set_defaults(func=handle_show)
+
+    retry = sub2.add_parser("retry", help="make queued copies due now")
+    which = retry.add_mutually_exclusive_group(required=True)
+    which.add_argument("id", type=_message_id, nargs="?", metavar="ID", help="queue id")
+    which.add_argument("--all", action="store_true", help="every queued message")
+    retry.set_defaults(func=handle_retry)
+
+    hold = sub2.add_parser("hold", help="stop a message: never attempted until released")
+    hold.add_argument("id", type=_message_id, metavar="ID", help="queue id")
+    hold.set_defaults(func=handle_hold)
+
+    release = sub2.add_parser("release", help="put a held message back in the queue, due now")
+    release.add_argument("id", type=_message_id, metavar="ID", help="queue id")
+    release.set_defaults(func=handle_release)
+
+    delete = sub2.add_parser(
+        "delete", help="take a message out of the queue, with a bounce or silently"
+    )
+    delete.add_argument("id", type=_message_id, metavar="ID", help="queue id")
+    how = delete.add_mutually_exclusive_group(required=True)
+    how.add_argument(
+        "--bounce",
+        action="store_true",
+        help="tell the sender: queue a delivery status notification for the pending recipients",
+    )
+    how.add_argument(
+        "--silently", action="store_true", help="tell nobody: the pending recipients are dropped"
+    )
+    delete.set_defaults(func=handle_delete)
+
+
+# --- plumbing -------------------------------------------------------------------------------------
+
+
+def operator() -> str:
+    """Who acted: ``cli:<OS user>`` (``cli`` if unknown)."""
+    try:
+        return f"cli:{getpass.getuser()}"
+    except (OSError, KeyError, ImportError):
+        return "cli"
+
+
+def queue_ref(message_id: int) -> str:
+    """How the audit names a queued message (its ``queue_id`` column)."""
+    return str(message_id)
+
+
+@dataclass
+class _Context:
+    config: Config
+    engine: AsyncEngine
+    store: SqlQueueStore
+
+
+def _run(config: Config, fn: Callable[[_Context], Awaitable[T]]) -> T:
+    async def run() -> T:
+        async with open_engine(config) as engine:
+            store = SqlQueueStore(
+                engine,
+                timeout=config.database.timeout,
+                lifetime=config.queue.lifetime_seconds,
+            )
+            try:
+                return await fn(_Context(config, engine, store))
+            finally:
+                await store.close()
+
+    return asyncio.run(run())
+
+
+async def _record(
+    ctx: _Context, kind: str, detail: str, message: QueuedMessage | None, *, done: str
+) -> int:
+    """Write the audit event of an operator action that ``done`` describes (its own database
+    transaction, after the change: a change is never audited before it happened)."""
+    session = Session(client_ip="-", client_port=0, listener="cli")
+    try:
+        async with ctx.engine.begin() as conn:
+            if message is None:
+                return await SqlAuditStore.record_event_in(conn, session, kind, detail)
+            return await SqlAuditStore.record_decision_in(
+                conn,
+                session,
+                kind,
+                detail,
+                login=message.login,
+                transaction_id=message.txn_id,
+                queue_id=queue_ref(message.id),
+            )
+    except DB_ERRORS as error:
+        log.error("%s, but its audit event was not written: %s", done, describe_db_error(error))
+        raise AuditUnavailable(
+            f"{done}, but the audit log is unavailable ({describe_db_error(error)}): "
+            "the event was not recorded"
+        ) from None
+
+
+class _Refused(GatewayError):
+    """The action does not apply to the message as it is (exit 1, nothing changed)."""
+
+
+class _Unchanged(GatewayError):
+    """The message already is as asked (exit 0, nothing changed)."""
+
+
+def _fetch(message: QueuedMessage | None, message_id: int) -> QueuedMessage:
+    if message is None:
+        raise _Refused(f"no queue message {message_id}")
+    return message
+
+
+def _live_claim(copy: QueuedCopy, now: datetime) -> bool:
+    return copy.claim_until is not None and copy.claim_until > now
+
+
+def _states(message: QueuedMessage) -> str:
+    """The message's state as listed: its copies' states (``queued``, or ``queued+held``...)."""
+    present = {c.state for c in message.copies}
+    return "+".join(s for s in COPY_STATES if s in present) or "-"
+
+
+def _act(args: argparse.Namespace, action: Callable[[_Context], Awaitable[str]]) -> int:
+    """Run an operator action; print what it did (exit 0), that nothing needed doing (exit 0)
+    or why it was refused or failed (one line, exit 1)."""
+    config = load(args)
+    try:
+        print(_run(config, action))
+    except _Unchanged as exc:
+        print(printable(str(exc)))
+    except GatewayError as exc:
+        return report(exc)
+    return EXIT_OK
+
+
+# --- list / show ----------------------------------------------------------------------------------
+
+
+def _when(value: datetime | None) -> str:
+    return value.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S") if value else "-"
+
+
+def _sender(mail_from: str) -> str:
+    return "<>" if mail_from == "" else mail_from
+
+
+def _short(value: object, width: int) -> str:
+    text = "-" if value is None or value == "" else printable(value)
+    return text if len(text) <= width else text[: width - 3] + "..."
+
+
+def _next_attempt(message: QueuedMessage) -> datetime | None:
+    due = [c.next_attempt for c in message.copies if c.state == QUEUED and c.next_attempt]
+    return min(due) if due else None
+
+
+def _last_reply(message: QueuedMessage) -> str | None:
+    attempted = [c for c in message.copies if c.last_reply]
+    if not attempted:
+        return None
+    latest = max(attempted, key=lambda c: c.last_attempt or datetime.min.replace(tzinfo=UTC))
+    return latest.last_reply
+
+
+def _recipient_dict(r: QueuedRecipient) -> dict[str, Any]:
+    return {
+        "address": r.address,
+        "state": r.state,
+        "last_reply": r.last_reply,
+        "status": r.status,
+        "updated_at": r.updated_at.isoformat() if r.updated_at else None,
+    }
+
+
+def _copy_dict(c: QueuedCopy) -> dict[str, Any]:
+    return {
+        "id": c.id,
+        "state": c.state,
+        "attempts": c.attempts,
+        "next_attempt": c.next_attempt.isoformat() if c.next_attempt else None,
+        "last_attempt": c.last_attempt.isoformat() if c.last_attempt else None,
+        "last_reply": c.last_reply,
+        "claimed_by": c.claimed_by,
+        "claim_until": c.claim_until.isoformat() if c.claim_until else None,
+        "spool_name": c.spool_name,
+        "size": c.size,
+        "sha256": c.sha256,
+        "recipients": [_recipient_dict(r) for r in c.recipients],
+    }
+
+
+def message_dict(m: QueuedMessage) -> dict[str, Any]:
+    """The JSON form of a queued message (``list --json``, ``show --json``)."""
+    return {
+        "id": m.id,
+        "state": _states(m),
+        "txn_id": m.txn_id,
+        "mail_from": m.mail_from,
+        "login": m.login,
+        "created_at": m.created_at.isoformat(),
+        "expires_at": m.expires_at.isoformat(),
+        "smtputf8": m.smtputf8,
+        "body_8bitmime": m.body_8bitmime,
+        "is_bounce": m.is_bounce,
+        "audit_id": m.audit_id,
+        "message_id_header": m.message_id_header,
+        "warned_at": m.warned_at.isoformat() if m.warned_at else None,
+        "pending": len(m.pending),
+        "copies": [_copy_dict(c) for c in m.copies],
+    }
+
+
+def handle_list(args: argparse.Namespace) -> int:
+    config = load(args)
+    limit = min(args.limit, MAX_PAGE)
+    try:
+        messages = _run(
+            config,
+            lambda ctx: ctx.store.list(state=args.state, limit=limit, before_id=args.before_id),
+        )
+    except GatewayError as exc:
+        return report(exc)
+    if args.json:
+        for m in messages:
+            print(json.dumps(message_dict(m)))
+        return EXIT_OK
+    if not messages:
+        print("no matching queue messages")
+        return EXIT_OK
+    rows: list[tuple[str, ...]] = [
+        ("ID", "ARRIVED (UTC)", "STATE", "FROM", "RCPTS", "PENDING", "TRIES", "NEXT (UTC)", "LAST")
+    ]
+    for m in messages:
+        recipients = [r for c in m.copies for r in c.recipients]
+        rcpts = recipients[0].address if recipients else "-"
+        if len(recipients) > 1:
+            rcpts += f" +{len(recipients) - 1}"
+        rows.append(
+            (
+                str(m.id),
+                _when(m.created_at),
+                _states(m) + (" (dsn)" if m.is_bounce else ""),
+                _short(_sender(m.mail_from), 30),
+                _short(rcpts, 34),
+                str(len(m.pending)),
+                str(max((c.attempts for c in m.copies), default=0)),
+                _when(_next_attempt(m)),
+                _short(_last_reply(m), 60),
+            )
+        )
+    print_table(rows)
+    if len(messages) == limit:
+        print(f"(more may follow: --before-id {messages[-1].id})")
+    return EXIT_OK
+
+
+def format_message(m: QueuedMessage) -> str:
+    """The human-readable form of ``queue show`` (metadata only, never content)."""
+    lines = [f"queue message {m.id}"]
+    lines += format_fields(
+        [
+            ("state", _states(m)),
+            ("arrived", m.created_at),
+            ("expires", m.expires_at),
+            ("mail from", "<> (null sender)" if m.mail_from == "" else m.mail_from),
+            ("login", m.login),
+            ("transaction", m.txn_id),
+            ("message-id", m.message_id_header),
+            ("audit record", m.audit_id),
+            ("bounce (dsn)", m.is_bounce),
+            ("smtputf8", m.smtputf8),
+            ("8bitmime", m.body_8bitmime),
+            ("warned at", m.warned_at),
+        ]
+    )
+    for c in m.copies:
+        lines.append(f"  copy {c.id} ({c.state}, {len(c.recipients)} recipient(s)):")
+        lines += format_fields(
+            [
+                ("attempts", c.attempts),
+                ("last attempt", c.last_attempt),
+                ("next attempt", c.next_attempt),
+                ("last reply", c.last_reply),
+                (
+                    "claimed by",
+                    f"{c.claimed_by} until {_when(c.claim_until)}" if c.claimed_by else None,
+                ),
+                ("spool file", f"{c.spool_name} ({c.size} bytes)"),
+                ("sha256", c.sha256),
+            ],
+            indent="    ",
+            width=14,
+        )
+        lines.append("    recipients:")
+        for i, r in enumerate(c.recipients, 1):
+            reply = f"  {r.last_reply}" if r.last_reply else ""
+            lines.append(f"      {i}. {printable(r.address)}  {r.state}{printable(reply)}")
+    return "\n".join(lines)
+
+
+def handle_show(args: argparse.Namespace) -> int:
+    config = load(args)
+    try:
+        message = _run(config, lambda ctx: ctx.store.get(args.id))
+    except GatewayError as exc:
+        return report(exc)
+    if message is None:
+        return fail(f"no queue message {args.id}", EXIT_FAILURE)
+    if args.json:
+        print(json.dumps(message_dict(message)))
+    else:
+        print(format_message(message))
+    return EXIT_OK
+
+
+# --- retry / hold / release -----------------------------------------------------------------------
+
+
+def _why_unchanged(m: QueuedMessage, action: str, now: datetime) -> GatewayError:
+    """Why ``action`` changed no copy of ``m``: refused (exit 1) or already so (exit 0)."""
+    states = {c.state for c in m.copies}
+    if any(c.state in (QUEUED, HELD) and _live_claim(c, now) for c in m.copies):
+        return _Refused(
+            f"queue {m.id} is being delivered right now; try again once the attempt is recorded"
+        )
+    if action == "hold" and HELD in states and QUEUED not in states:
+        return _Unchanged(f"queue {m.id} is already held; nothing changed")
+    if action == "release" and QUEUED in states and HELD not in states:
+        return _Unchanged(f"queue {m.id} is not held (queued); nothing changed")
+    if action == "retry" and HELD in states:
+        return _Refused(f"queue {m.id} is held: release it first (mailward queue release {m.id})")
+    return _Refused(f"queue {m.id} has nothing to {action}: it is {_states(m)}")
+
+
+def _copies(n: int) -> str:
+    return f"{n} copy" if n == 1 else f"{n} copies"
+
+
+async def _change(
+    ctx: _Context,
+    message_id: int,
+    action: str,
+    kind: str,
+    change: Callable[[], Awaitable[int]],
+    done: str,
+) -> str:
+    """Apply one operator change to a message, audit it and say what it did."""
+    m = _fetch(await ctx.store.get(message_id), message_id)
+    changed = await change()
+    if not changed:
+        raise _why_unchanged(m, action, utcnow())
+    by = operator()
+    detail = f"queue {queue_ref(m.id)} {done} by {by}: {_copies(changed)}"
+    audit_id = await _record(ctx, kind, detail, m, done=f"queue {m.id} {done}")
+    log.warning("queue %d: %s by %s (%s, audit %d)", m.id, done, by, _copies(changed), audit_id)
+    return f"queue {m.id}: {done} ({_copies(changed)}, audit record {audit_id})"
+
+
+def handle_retry(args: argparse.Namespace) -> int:
+    if args.all:
+
+        async def everything(ctx: _Context) -> str:
+            changed = await ctx.store.retry_now(None)
+            by = operator()
+            detail = f"queue retry --all by {by}: {_copies(changed)} due now"
+            audit_id = await _record(
+                ctx, "queue-retry", detail, None, done=f"{_copies(changed)} made due now"
+            )
+            log.warning("queue: retry --all by %s (%s, audit %d)", by, _copies(changed), audit_id)
+            return f"queue: {_copies(changed)} due now (audit record {audit_id})"
+
+        return _act(args, everything)
+
+    return _act(
+        args,
+        lambda ctx: _change(
+            ctx, args.id, "retry", "queue-retry", lambda: ctx.store.retry_now(args.id), "due now"
+        ),
+    )
+
+
+def handle_hold(args: argparse.Namespace) -> int:
+    return _act(
+        args,
+        lambda ctx: _change(
+            ctx,
+            args.id,
+            "hold",
+            "queue-hold",
+            lambda: ctx.store.set_state(args.id, HELD, origins=(QUEUED,)),
+            "held",
+        ),
+    )
+
+
+def handle_release(args: argparse.Namespace) -> int:
+    return _act(
+        args,
+        lambda ctx: _change(
+            ctx,
+            args.id,
+            "release",
+            "queue-release",
+            lambda: ctx.store.set_state(args.id, QUEUED, origins=(HELD,)),
+            "released, due now",
+        ),
+    )
+
+
+# --- delete ---------------------------------------------------------------------------------------
+
+
+async def _sender_owned(ctx: _Context, login: str | None, address: str) -> bool:
+    """Whether ``address`` is one of ``login``'s own addresses (not a send-as grant): the
+    no-backscatter rule the runner applies before it bounces."""
+    if login is None:
+        return False
+    accounts = SqlAccountStore(ctx.engine, timeout=ctx.config.database.timeout)
+    try:
+        info = await accounts.get_user(login)
+    except UnknownLogin:
+        return False
+    finally:
+        await accounts.close()
+    return address_matches(address, info.addresses)
+
+
+async def _original(spool: Spool, copies: list[QueuedCopy]) -> bytes | None:
+    """The original message from the first copy whose spool file is intact (for its headers)."""
+    for copy in copies:
+        if copy.state == CORRUPT:
+            continue
+        try:
+            return await spool.read_async(copy.spool_name, size=copy.size, sha256=copy.sha256)
+        except (SpoolCorrupt, SpoolError):
+            continue
+    return None
+
+
+async def _bounce_refusal(ctx: _Context, m: QueuedMessage, original: bytes | None) -> str | None:
+    """Why ``m`` may not be bounced (the runner's rules), or None."""
+    if m.is_bounce:
+        return "it is itself a bounce (never a bounce for a bounce)"
+    if m.mail_from.strip() in ("", "<>"):
+        return "its sender is the null reverse-path"
+    if not may_bounce(m, original):
+        return "it is marked Auto-Submitted (no automatic answer to automatic mail)"
+    if not await _sender_owned(ctx, m.login, m.mail_from):
+        return "its envelope sender is not one of the login's own addresses (no backscatter)"
+    return None
+
+
+def _deleted_reply(r: QueuedRecipient, by: str) -> str:
+    reply = f"deleted from the queue by the postmaster ({by})"
+    return f"{reply}; last attempt: {r.last_reply}" if r.last_reply else reply
+
+
+async def _delete(ctx: _Context, message_id: int, bounce: bool) -> str:
+    now = utcnow()
+    by = operator()
+    m = _fetch(await ctx.store.get(message_id), message_id)
+    targets = [c for c in m.copies if c.state in DELETABLE]
+    if not targets:
+        raise _Refused(f"queue {m.id} has nothing to delete: it is {_states(m)}")
+    spool = Spool(ctx.config.queue.spool_path(ctx.config.state_dir))
+    original = await _original(spool, targets) if bounce else None
+    if bounce:
+        refusal = await _bounce_refusal(ctx, m, original)
+        if refusal is not None:
+            raise _Refused(f"queue {m.id} may not be bounced: {refusal}; use --silently")
+    reply = f"deleted from the queue by the postmaster ({by})"
+    changed = await ctx.store.set_state(
+        m.id,
+        DELETED,
+        origins=DELETABLE,
+        pending_state=BOUNCED if bounce else DROPPED,
+        reply=reply,
+    )
+    if not changed:
+        raise _why_unchanged(m, "delete", now)
+    after = _fetch(await ctx.store.get(m.id), m.id)
+    deleted_ids = {c.id for c in after.copies if c.state == DELETED} & {c.id for c in targets}
+    deleted = [c for c in targets if c.id in deleted_ids]
+    ended = [r for c in deleted for r in c.recipients if r.state == PENDING]
+    how = "silently"
+    dsn_id: int | None = None
+    if bounce and ended:
+        dsn_id = await _queue_bounce(ctx, spool, m, ended, original, by, now)
+        how = f"with a bounce (queue {dsn_id})"
+    elif bounce:
+        how = "without a bounce (no pending recipient)"
+    for copy in deleted:
+        try:
+            await spool.remove_async(copy.spool_name)
+        except (SpoolError, ValueError) as exc:
+            log.warning("queue copy %d: spool file not erased (%s)", copy.id, exc)
+    detail = (
+        f"queue {queue_ref(m.id)} deleted {how} by {by}: {_copies(len(deleted))}, "
+        f"{len(ended)} pending recipient(s) {'bounced' if dsn_id else 'dropped'}"
+    )
+    audit_id = await _record(ctx, "queue-delete", detail, m, done=f"queue {m.id} deleted {how}")
+    log.warning(
+        "queue %d: deleted %s by %s (%s, audit %d)", m.id, how, by, _copies(len(deleted)), audit_id
+    )
+    return (
+        f"queue {m.id}: deleted {how}; {len(ended)} pending recipient(s) "
+        f"{'bounced' if dsn_id else 'dropped'} (audit record {audit_id})"
+    )
+
+
+async def _queue_bounce(
+    ctx: _Context,
+    spool: Spool,
+    m: QueuedMessage,
+    ended: list[QueuedRecipient],
+    original: bytes | None,
+    by: str,
+    now: datetime,
+) -> int:
+    """Write and enqueue the DSN of an operator's delete; its queue id."""
+    failed = [replace(r, status=DELETED_STATUS, last_reply=_deleted_reply(r, by)) for r in ended]
+    body = build_dsn(
+        reporting_mta=_reporting_mta(ctx.config),
+        original=m,
+        failed=failed,
+        original_bytes=original,
+        arrival=m.created_at,
+        now=now,
+    )
+    smtputf8, body_8bitmime = envelope_flags(body)
+    spooled = await spool.write_async(body)
+    try:
+        return await ctx.store.enqueue(
+            txn_id=f"{m.txn_id}.dsn"[:80],
+            mail_from="",
+            login=m.login,
+            copies=[NewCopy((m.mail_from,), spooled.name, spooled.size, spooled.sha256)],
+            smtputf8=smtputf8,
+            body_8bitmime=body_8bitmime,
+            is_bounce=True,
+            message_id_header=Headers(body).message_id,
+        )
+    except BaseException:
+        with contextlib.suppress(SpoolError):
+            await spool.remove_async(spooled.name)
+        raise
+
+
+def _reporting_mta(config: Config) -> str:
+    from gateway.app import gateway_hostname
+
+    return gateway_hostname(config)
+
+
+def handle_delete(args: argparse.Namespace) -> int:
+    return _act(args, lambda ctx: _delete(ctx, args.id, bounce=args.bounce))
