@@ -6,7 +6,8 @@ What it does: :func:`create_engine` builds the :class:`~sqlalchemy.ext.asyncio.A
 is created. On PostgreSQL the pool size comes from the config, connections are pinged before use
 and connecting is bounded by the database timeout. :func:`describe_db_error` turns a driver or
 SQLAlchemy exception into one short line for logs and the CLI; :func:`is_data_error` tells a bad
-row apart from an unreachable database.
+row apart from an unreachable database. :class:`SqlStore` is the plumbing every SQL store shares
+(bounded operations, errors translated into StoreUnavailable).
 
 Reads: ``database.url``, ``database.sqlite_synchronous``, ``database.pool_size``,
 ``database.timeout`` and ``state_dir`` (through ``Config.database_url``). Creates the SQLite
@@ -21,7 +22,7 @@ from __future__ import annotations
 import asyncio
 import math
 import sqlite3
-from collections.abc import AsyncIterator, Coroutine
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any, Literal, TypeVar
@@ -29,11 +30,11 @@ from typing import Any, Literal, TypeVar
 import psycopg
 from sqlalchemy import event, exc
 from sqlalchemy.engine import URL, make_url
-from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
 from gateway.config import Config
 from gateway.core.errors import ConfigError, StoreUnavailable
-from gateway.core.replies import sanitize_text
+from gateway.core.replies import Reply, sanitize_text
 
 T = TypeVar("T")
 
@@ -256,3 +257,61 @@ class DetachedTimeouts:
         """Wait for every detached operation to end (at shutdown, before disposing the engine)."""
         if self._detached:
             await asyncio.gather(*self._detached, return_exceptions=True)
+
+
+class SqlStore:
+    """Plumbing shared by the SQL stores (policy state, account state, quarantine, queue...): every
+    operation runs in its own connection (``write``: in a transaction), bounded by ``timeout``
+    without being cancelled (:class:`DetachedTimeouts`), and database errors become
+    :class:`~gateway.core.errors.StoreUnavailable` with ``what`` in the message and the store's
+    ``reply``. Tasks a store leaves running on purpose (a write whose caller gave up, its
+    compensation) are kept with :meth:`_detach` and awaited by :meth:`close`."""
+
+    #: names the store in error messages ("queue database ... unavailable: ...")
+    what = "database"
+    #: the reply a caller gets when this store is unavailable (None: StoreUnavailable's own)
+    unavailable_reply: Reply | None = None
+
+    def __init__(self, engine: AsyncEngine, timeout: float) -> None:
+        self._engine = engine
+        self._timeout = timeout
+        self._operations = DetachedTimeouts(timeout)
+        self._detached: set[asyncio.Task[Any]] = set()
+
+    async def close(self) -> None:
+        """Wait for detached operations (writes whose callers gave up, compensations) to end."""
+        while self._detached:
+            await asyncio.gather(*self._detached, return_exceptions=True)
+        await self._operations.drain()
+
+    def _unavailable(self, error: BaseException) -> StoreUnavailable:
+        return StoreUnavailable(
+            f"{self.what} {safe_url(self._engine.url)} unavailable: {describe_db_error(error)}",
+            reply=self.unavailable_reply,
+        )
+
+    async def _guarded(self, operation: Coroutine[Any, Any, T]) -> T:
+        try:
+            return await self._operations.run(operation)
+        except DB_ERRORS as error:
+            raise self._unavailable(error) from None
+
+    async def _run(self, fn: Callable[[AsyncConnection], Awaitable[T]], *, write: bool) -> T:
+        async def operation() -> T:
+            ctx = self._engine.begin() if write else self._engine.connect()
+            async with ctx as conn:
+                return await fn(conn)
+
+        return await self._guarded(operation())
+
+    def _detach(self, task: asyncio.Task[Any]) -> None:
+        if task.done():
+            self._retrieve(task)
+            return
+        self._detached.add(task)
+        task.add_done_callback(self._retrieve)
+
+    def _retrieve(self, task: asyncio.Task[Any]) -> None:
+        self._detached.discard(task)
+        if not task.cancelled():
+            task.exception()  # reported to the caller already (or logged by the compensation)

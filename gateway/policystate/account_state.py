@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import builtins
 import time
-from collections.abc import Awaitable, Callable, Coroutine, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, TypeVar, cast
@@ -51,9 +51,8 @@ from sqlalchemy.sql.elements import ColumnElement
 
 from gateway.audit.models import AuditRecipientRow, AuditRecordRow
 from gateway.audit.store import SqlAuditStore
-from gateway.core.errors import StoreUnavailable
 from gateway.core.model import Session, VerdictRecord, utcnow
-from gateway.db.engine import DB_ERRORS, DetachedTimeouts, describe_db_error, safe_url
+from gateway.db.engine import SqlStore
 from gateway.policystate.models import ACCOUNT_STAGES, AccountStateRow
 
 T = TypeVar("T")
@@ -164,35 +163,16 @@ def _window_index(dialect: str, column: Any, seconds: int) -> ColumnElement[Any]
     return index
 
 
-class SqlAccountState:
+class SqlAccountState(SqlStore):
     """Account states in the SQL database (see the module docstring)."""
 
+    what = "account-state database"
+
     def __init__(self, engine: AsyncEngine, timeout: float) -> None:
-        self._engine = engine
-        self._operations = DetachedTimeouts(timeout)
+        super().__init__(engine, timeout)
         self._cache: dict[str, tuple[float, AccountState]] = {}  # login -> (read at, state)
 
-    async def close(self) -> None:
-        await self._operations.drain()
-
     # --- plumbing ---------------------------------------------------------------------------------
-
-    async def _guarded(self, operation: Coroutine[Any, Any, T]) -> T:
-        try:
-            return await self._operations.run(operation)
-        except DB_ERRORS as error:
-            raise StoreUnavailable(
-                f"account-state database {safe_url(self._engine.url)} unavailable: "
-                f"{describe_db_error(error)}"
-            ) from None
-
-    async def _run(self, fn: Callable[[AsyncConnection], Awaitable[T]], *, write: bool) -> T:
-        async def operation() -> T:
-            ctx = self._engine.begin() if write else self._engine.connect()
-            async with ctx as conn:
-                return await fn(conn)
-
-        return await self._guarded(operation())
 
     def _remember(self, state: AccountState) -> None:
         if len(self._cache) >= CACHE_MAX:

@@ -14,7 +14,6 @@ never fails open); nothing secret is stored.
 from __future__ import annotations
 
 import time
-from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, TypeVar
@@ -22,9 +21,9 @@ from typing import Any, TypeVar
 from sqlalchemy import delete, insert, select
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from gateway.core.errors import GatewayError, StoreUnavailable
+from gateway.core.errors import GatewayError
 from gateway.core.model import utcnow
-from gateway.db.engine import DB_ERRORS, DetachedTimeouts, describe_db_error, safe_url
+from gateway.db.engine import SqlStore
 from gateway.policystate.models import LimitOverride
 
 T = TypeVar("T")
@@ -46,32 +45,13 @@ class OverrideNotFound(GatewayError):
     """No limit override with that id."""
 
 
-class SqlPolicyState:
+class SqlPolicyState(SqlStore):
+    what = "policy database"
+
     def __init__(self, engine: AsyncEngine, timeout: float, *, cache_seconds: float = 5.0) -> None:
-        self._engine = engine
-        self._operations = DetachedTimeouts(timeout)
+        super().__init__(engine, timeout)
         self._cache_seconds = cache_seconds
         self._cache: dict[str, tuple[float, dict[str, list[dict[str, Any]]]]] = {}
-
-    async def close(self) -> None:
-        await self._operations.drain()
-
-    async def _guarded(self, operation: Coroutine[Any, Any, T]) -> T:
-        try:
-            return await self._operations.run(operation)
-        except DB_ERRORS as error:
-            raise StoreUnavailable(
-                f"policy database {safe_url(self._engine.url)} unavailable: "
-                f"{describe_db_error(error)}"
-            ) from None
-
-    async def _run(self, fn: Callable[[AsyncConnection], Awaitable[T]], *, write: bool) -> T:
-        async def operation() -> T:
-            ctx = self._engine.begin() if write else self._engine.connect()
-            async with ctx as conn:
-                return await fn(conn)
-
-        return await self._guarded(operation())
 
     # --- limit overrides --------------------------------------------------------------------------
     async def add_limit_override(

@@ -35,19 +35,18 @@ from __future__ import annotations
 import asyncio
 import builtins
 import logging
-from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import asdict, dataclass
 from datetime import datetime
 from typing import Any, TypeVar, cast
 
 from sqlalchemy import RowMapping, Table, insert, select, update
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncConnection
 
 from gateway.audit.store import SqlAuditStore
 from gateway.core.errors import GatewayError, StoreUnavailable
 from gateway.core.message import Headers, sha256_hex
 from gateway.core.model import Session, Transaction, utcnow
-from gateway.db.engine import DB_ERRORS, DetachedTimeouts, describe_db_error, safe_url
+from gateway.db.engine import DB_ERRORS, SqlStore, describe_db_error
 from gateway.quarantine.models import (
     DELETED,
     HELD,
@@ -242,54 +241,10 @@ def _refusal(entry_id: int, wanted: str, current: str, by: str | None, at: datet
     )
 
 
-class SqlQuarantine:
+class SqlQuarantine(SqlStore):
     """The quarantine in the SQL database (see the module docstring)."""
 
-    def __init__(self, engine: AsyncEngine, timeout: float) -> None:
-        self._engine = engine
-        self._timeout = timeout
-        self._operations = DetachedTimeouts(timeout)
-        self._detached: set[asyncio.Task[Any]] = set()
-
-    async def close(self) -> None:
-        """Wait for detached writes (holds whose callers gave up, compensations) to end."""
-        while self._detached:
-            await asyncio.gather(*self._detached, return_exceptions=True)
-        await self._operations.drain()
-
-    # --- plumbing ---------------------------------------------------------------------------------
-
-    def _unavailable(self, error: BaseException) -> StoreUnavailable:
-        return StoreUnavailable(
-            f"quarantine database {safe_url(self._engine.url)} unavailable: "
-            f"{describe_db_error(error)}"
-        )
-
-    async def _guarded(self, operation: Coroutine[Any, Any, T]) -> T:
-        try:
-            return await self._operations.run(operation)
-        except DB_ERRORS as error:
-            raise self._unavailable(error) from None
-
-    async def _run(self, fn: Callable[[AsyncConnection], Awaitable[T]], *, write: bool) -> T:
-        async def operation() -> T:
-            ctx = self._engine.begin() if write else self._engine.connect()
-            async with ctx as conn:
-                return await fn(conn)
-
-        return await self._guarded(operation())
-
-    def _detach(self, task: asyncio.Task[Any]) -> None:
-        if task.done():
-            self._retrieve(task)
-            return
-        self._detached.add(task)
-        task.add_done_callback(self._retrieve)
-
-    def _retrieve(self, task: asyncio.Task[Any]) -> None:
-        self._detached.discard(task)
-        if not task.cancelled():
-            task.exception()  # reported to the caller already (or logged by the compensation)
+    what = "quarantine database"
 
     # --- hold -------------------------------------------------------------------------------------
 
