@@ -81,20 +81,24 @@ QUICK_COUNTS = {("2KB", 1): 100, ("2KB", 20): 400, ("100KB", 1): 30, ("100KB", 2
 # script's entry point); "app" builds GatewayApp the way `serve` does, without the CLI (a fallback
 # for when an unrelated sub-command does not import).
 LAUNCHERS = {
+    # (guarded: the spam-score worker processes are started with multiprocessing's "spawn", which
+    # imports this script in each worker; unguarded, a worker would run a second gateway)
     "cli": """\
 import sys
 from gateway.cli import main
-sys.exit(main())
+if __name__ == "__main__":
+    sys.exit(main())
 """,
     "app": """\
 import asyncio, sys
 from gateway.app import GatewayApp, validate_pipeline
 from gateway.config import load_config
 from gateway.logs import configure
-config = load_config(sys.argv[2])
-validate_pipeline(config, sys.argv[2])
-configure(config.log)
-asyncio.run(GatewayApp(config).serve_forever())
+if __name__ == "__main__":
+    config = load_config(sys.argv[2])
+    validate_pipeline(config, sys.argv[2])
+    configure(config.log)
+    asyncio.run(GatewayApp(config).serve_forever())
 """,
 }
 

@@ -20,6 +20,7 @@ from sqlalchemy import Connection
 
 import gateway.audit.models
 import gateway.auth.models
+import gateway.keys.models
 import gateway.policystate.models
 import gateway.quarantine.models
 import gateway.queue.models  # noqa: F401  (register the tables on the metadata)

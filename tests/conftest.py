@@ -12,4 +12,5 @@ pytest_plugins = [
     "tests.fixtures.gateway",
     "tests.fixtures.limits",
     "tests.fixtures.rspamd",
+    "tests.fixtures.keys",
 ]

@@ -1,9 +1,12 @@
 """Audit tables: one record per message or session event, with its recipients and verdicts.
 
 What it does: declares ``audit_record`` (what happened, to whom it was told, when, by which session
-and login), ``audit_recipient`` (each RCPT with its final status and reply, in order) and
-``audit_verdict`` (each non-continue check verdict, applied or "would have", with its evidence).
-The schema is created by the Alembic revision ``0001`` (``kind`` widened by ``0005``).
+and login), ``audit_recipient`` (each RCPT with its final status and reply, in order, and -- since
+revision ``0008`` -- the ``encryption`` check's decision for it: policy, decision, format, the
+fingerprint of the key used and the reason) and ``audit_verdict`` (each non-continue check
+verdict, applied or "would have", with its evidence).
+The schema is created by the Alembic revision ``0001`` (``kind`` widened by ``0005``, recipients'
+encryption columns added by ``0008``).
 
 Design for what comes later: the integer ``id`` grows monotonically, so listing is keyset-paginated
 on it (newest first) and a hash chain can later be added as extra columns computed over finished
@@ -48,6 +51,16 @@ KINDS = (
     "queue-hold",
     "queue-release",
     "queue-delete",
+    # the queue runner: a queued copy reached a final state (delivered, bounced, dropped, corrupt)
+    "queue-delivered",
+    "queue-bounced",
+    "queue-dropped",
+    "queue-corrupt",
+    # operator changes to the encryption key store (`mailward key import|revoke|remove|verify`)
+    "key-import",
+    "key-revoke",
+    "key-remove",
+    "key-verify",
 )
 SESSION_EVENT_KINDS = KINDS[1:]
 #: Outcomes of message records ("relaying" until finish_message completes the record).
@@ -60,6 +73,11 @@ OUTCOMES = (
     "failed",
     "aborted",
     "dropped",
+    # the client got 250 and the message (or the rest of it) is in the durable queue
+    "queued",
+    # found "relaying" at start, long after its transaction must have ended: the gateway stopped
+    # (or could not complete the record) before the outcome was known; not in the queue
+    "interrupted",
 )
 
 
@@ -106,6 +124,12 @@ class AuditRecipientRow(Base):
     address: Mapped[str] = mapped_column(Text)
     status: Mapped[str] = mapped_column(String(16))
     reply: Mapped[str] = mapped_column(Text)
+    # the `encryption` check's decision for this recipient (revision 0008; NULL: not judged)
+    encryption_policy: Mapped[str | None] = mapped_column(String(16))
+    encryption_decision: Mapped[str | None] = mapped_column(String(16))
+    encryption_format: Mapped[str | None] = mapped_column(String(16))
+    encryption_key: Mapped[str | None] = mapped_column(String(64))
+    encryption_reason: Mapped[str | None] = mapped_column(Text)
 
     __table_args__ = (Index("ix_audit_recipient_lower_address", func.lower(address)),)
 

@@ -14,12 +14,19 @@ waiter gets :class:`AuditUnavailable` (the service then answers 4xx: nothing is 
 A caller that gave up waiting (timeout, cancelled) before its ``begin_message`` was written is
 skipped, and one whose record was committed too late is completed as "deferred", so no record claims
 a message is "relaying" that never was. The writer never cancels a database call midway (that can
-leave a connection holding locks); the engine's driver-level timeouts bound each batch.
+leave a connection holding locks); the engine's driver-level timeouts bound each batch. A gateway
+that dies between a record's begin and its finish leaves it "relaying": at the next start,
+:meth:`SqlAuditStore.finish_interrupted` completes such records once they are older than any live
+transaction can be ("queued" when the message is in the durable queue, else "interrupted").
 
 The query side (:meth:`SqlAuditStore.list_records`, :meth:`SqlAuditStore.get_record`) serves the
 CLI and a later web UI: newest first, keyset-paginated on the integer id (``before_id``), filtered
 by time range, login, sender, recipient (exact address or ``@domain``, case-insensitive), check id,
 outcome and kind.
+
+Each recipient row carries the ``encryption`` check's decision for it
+(:class:`~gateway.core.model.RecipientEncryption`: policy, decision, format, key fingerprint,
+reason), NULL when the check did not judge it.
 
 Reads/writes: the ``audit_record``, ``audit_recipient`` and ``audit_verdict`` tables.
 
@@ -34,10 +41,10 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
-from collections.abc import Coroutine, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
-from typing import Any, Literal, cast
+from typing import Any, Literal, TypeVar, cast
 
 from sqlalchemy import (
     ColumnElement,
@@ -61,7 +68,14 @@ from gateway.audit.models import (
 )
 from gateway.core import replies
 from gateway.core.errors import AuditUnavailable
-from gateway.core.model import Session, Transaction, VerdictRecord, new_id, utcnow
+from gateway.core.model import (
+    RecipientEncryption,
+    Session,
+    Transaction,
+    VerdictRecord,
+    new_id,
+    utcnow,
+)
 from gateway.db.engine import (
     DB_ERRORS,
     DetachedTimeouts,
@@ -72,10 +86,20 @@ from gateway.db.engine import (
 
 log = logging.getLogger("mailward.audit")
 
+T = TypeVar("T")
+
 RECORD = cast(Table, AuditRecordRow.__table__)
 RECIPIENT = cast(Table, AuditRecipientRow.__table__)
 VERDICT = cast(Table, AuditVerdictRow.__table__)
 
+#: the recipient's encryption decision (revision 0008), NULL when the check did not judge it
+ENCRYPTION_COLUMNS = (
+    "encryption_policy",
+    "encryption_decision",
+    "encryption_format",
+    "encryption_key",
+    "encryption_reason",
+)
 TEXT_LIMIT = 2000
 DETAIL_LIMIT = 1000
 MAX_PAGE = 1000
@@ -91,7 +115,24 @@ _FINISH_COLUMNS = (
     "upstream_reply",
     "queue_id",
     "incident",
+    # NULL for a message; finishing also clears what finish_interrupted wrote
+    "detail",
 )
+
+#: detail of a record found "relaying" long after its transaction must have ended
+INTERRUPTED_DETAIL = (
+    "the gateway stopped (or could not complete this record) before the outcome was known; "
+    "found at start: the upstream may or may not have the message, and a client that got no "
+    "reply sends it again"
+)
+#: detail of such a record whose message is in the durable queue (``{queue_id}``)
+INTERRUPTED_QUEUED_DETAIL = (
+    "the gateway stopped (or could not complete this record) before the outcome was known; "
+    "found at start with the message in the queue as {queue_id}: it is delivered or bounced "
+    "from there (a client that got no reply sends it again)"
+)
+#: records looked at per pass of finish_interrupted
+_INTERRUPTED_BATCH = 500
 
 
 # --- row building (in the caller's task) ----------------------------------------------------------
@@ -146,6 +187,18 @@ def _message_columns(txn: Transaction, outcome: str, ended_at: datetime | None) 
     }
 
 
+def _encryption_columns(note: RecipientEncryption | None) -> dict[str, Any]:
+    if note is None:
+        return dict.fromkeys(ENCRYPTION_COLUMNS)
+    return {
+        "encryption_policy": _text(note.policy, 16),
+        "encryption_decision": _text(note.decision, 16),
+        "encryption_format": _text(note.format, 16) or None,
+        "encryption_key": _text(note.fingerprint, 64) or None,
+        "encryption_reason": _text(note.reason),
+    }
+
+
 def _recipient_rows(txn: Transaction) -> list[dict[str, Any]]:
     return [
         {
@@ -153,6 +206,7 @@ def _recipient_rows(txn: Transaction) -> list[dict[str, Any]]:
             "address": _text(r.address) or "",
             "status": _text(r.status.value, 16),
             "reply": _text(r.reply) or "",
+            **_encryption_columns(r.encryption),
         }
         for i, r in enumerate(txn.recipients)
     ]
@@ -235,6 +289,12 @@ class AuditRecipient:
     address: str
     status: str
     reply: str
+    #: the ``encryption`` check's decision (None when it did not judge the recipient)
+    encryption_policy: str | None = None
+    encryption_decision: str | None = None
+    encryption_format: str | None = None
+    encryption_key: str | None = None
+    encryption_reason: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -486,6 +546,90 @@ class SqlAuditStore:
         }
         return int((await conn.execute(insert(RECORD).returning(RECORD.c.id), record)).scalar_one())
 
+    # --- records a crash left behind ----------------------------------------------------------
+
+    async def finish_interrupted(
+        self,
+        *,
+        started_before: datetime,
+        custody_of: Callable[[Mapping[int, str | None]], Awaitable[Mapping[int, int]]],
+    ) -> tuple[int, int]:
+        """At start: complete the message records still "relaying" that started before
+        ``started_before`` -- a bound past which no live transaction (of this or another gateway
+        sharing the database) can still be relaying them: their gateway stopped, or failed to
+        complete them, before the outcome was known. ``custody_of`` maps record ids (with their
+        transaction ids) to the queue id of the message the transaction left in the durable
+        queue; such a record becomes "queued" with that queue id, any other "interrupted"; both
+        with an explanatory ``detail`` (recipients keep the status they had). A record completed
+        meanwhile is left alone, and a live finish_message still overwrites these. Returns
+        (interrupted, queued). Raises AuditUnavailable (``custody_of``'s errors propagate)."""
+        interrupted = queued = 0
+        while True:
+            found = await self._guarded(self._stale_relaying(started_before))
+            if not found:
+                break
+            in_queue = dict(await custody_of(found))
+            lost, kept = await self._guarded(self._complete_interrupted(found, in_queue))
+            interrupted += lost
+            queued += kept
+            if len(found) < _INTERRUPTED_BATCH:
+                break
+        return interrupted, queued
+
+    async def _stale_relaying(self, started_before: datetime) -> dict[int, str | None]:
+        """Up to a batch of "relaying" message records started before the bound: id ->
+        transaction id."""
+        candidates = (
+            select(RECORD.c.id, RECORD.c.transaction_id)
+            .where(
+                RECORD.c.kind == "message",
+                RECORD.c.outcome == "relaying",
+                RECORD.c.started_at < started_before,
+            )
+            .order_by(RECORD.c.id)
+            .limit(_INTERRUPTED_BATCH)
+        )
+        async with self._engine.connect() as conn:
+            return {int(rid): txn for rid, txn in await conn.execute(candidates)}
+
+    async def _complete_interrupted(
+        self, found: Mapping[int, str | None], in_queue: Mapping[int, int]
+    ) -> tuple[int, int]:
+        """One transaction: ``found`` records still "relaying" become "queued" (those in
+        ``in_queue``) or "interrupted"; (interrupted, queued) counts."""
+        now = utcnow()
+        still = RECORD.c.outcome == "relaying"
+        lost = [rid for rid in found if rid not in in_queue]
+        interrupted = queued = 0
+        async with self._engine.begin() as conn:
+            if lost:
+                result = await conn.execute(
+                    update(RECORD)
+                    .where(RECORD.c.id.in_(lost), still)
+                    .values(outcome="interrupted", ended_at=now, detail=INTERRUPTED_DETAIL)
+                )
+                interrupted = int(result.rowcount)
+            for rid, queue_id in in_queue.items():
+                detail = INTERRUPTED_QUEUED_DETAIL.format(queue_id=queue_id)
+                result = await conn.execute(
+                    update(RECORD)
+                    .where(RECORD.c.id == rid, still)
+                    .values(
+                        outcome="queued",
+                        ended_at=now,
+                        queue_id=str(queue_id),
+                        detail=_text(detail, DETAIL_LIMIT),
+                    )
+                )
+                queued += int(result.rowcount)
+        return interrupted, queued
+
+    async def _guarded(self, operation: Coroutine[Any, Any, T]) -> T:
+        try:
+            return await self._queries.run(operation)
+        except DB_ERRORS as error:
+            raise self._unavailable(error) from None
+
     # --- group-commit writer ---------------------------------------------------------------------
 
     def _new_write(
@@ -688,7 +832,13 @@ class SqlAuditStore:
                 .order_by(RECIPIENT.c.record_id, RECIPIENT.c.position)
             ):
                 recipients[r.record_id].append(
-                    AuditRecipient(r.position, r.address, r.status, r.reply)
+                    AuditRecipient(
+                        r.position,
+                        r.address,
+                        r.status,
+                        r.reply,
+                        **{name: getattr(r, name) for name in ENCRYPTION_COLUMNS},
+                    )
                 )
             for v in await conn.execute(
                 select(VERDICT)

@@ -5,7 +5,8 @@ What it does: :class:`SqlAccountStore` implements :class:`gateway.core.ports.Acc
 event loop keeps serving other sessions) and returns an :class:`~gateway.core.model.Identity`
 carrying the login's owned addresses/domains and send-as grants. The admin methods (used by
 ``mailward user``) add accounts, change passwords, enable/disable them and manage owned patterns
-and send-as grants.
+and send-as grants. :meth:`SqlAccountStore.sender_owned` is the no-backscatter rule (may a
+bounce go to this envelope sender?) shared by the queue runner, the service and the CLI.
 
 Patterns are ``user@domain`` (one address) or ``@domain`` (the whole domain). They are validated and
 stored with a lower-case domain; an owned pattern belongs to one account only (compared
@@ -43,7 +44,7 @@ from gateway.auth.passwords import (
     verify_password,
 )
 from gateway.core.errors import CredentialStoreUnavailable, GatewayError
-from gateway.core.model import Identity
+from gateway.core.model import Identity, address_matches
 from gateway.db.base import utcnow
 from gateway.db.engine import DB_ERRORS, DetachedTimeouts, describe_db_error, safe_url
 
@@ -374,6 +375,21 @@ class SqlAccountStore:
             return (await self._infos(conn, Account.id == account_id))[0]
 
         return await self._read(fetch)
+
+    async def sender_owned(self, login: str | None, address: str) -> bool:
+        """Whether ``address`` is one of ``login``'s own addresses: an address or domain the
+        account owns, not a send-as grant (whether or not the account is disabled). The one
+        no-backscatter rule: a bounce or delay notice goes to an envelope sender only when this
+        holds (the queue runner, the service's in-session bounces, ``mailward queue delete
+        --bounce``). False without a login (a trusted-network client owns no address) or for an
+        unknown login. Raises CredentialStoreUnavailable when the store cannot answer."""
+        if login is None:
+            return False
+        try:
+            info = await self.get_user(login)
+        except (UnknownLogin, InvalidLogin):
+            return False
+        return address_matches(address, info.addresses)
 
     async def list_users(self) -> list[AccountInfo]:
         """Every account, by login."""

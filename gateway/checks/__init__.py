@@ -5,6 +5,7 @@
 
 from gateway.checks.account_guard import SPEC as ACCOUNT_GUARD
 from gateway.checks.auth_throttle import SPEC as AUTH_THROTTLE
+from gateway.checks.encryption import SPEC as ENCRYPTION
 from gateway.checks.message_size import SPEC as MESSAGE_SIZE
 from gateway.checks.rate_limit import SPEC as RATE_LIMIT
 from gateway.checks.recipient_limit import SPEC as RECIPIENT_LIMIT
@@ -22,6 +23,7 @@ SPECS: dict[str, CheckSpec] = {
         SPAM_SCORE,
         RATE_LIMIT,
         ACCOUNT_GUARD,
+        ENCRYPTION,
     )
 }
 

@@ -4,14 +4,14 @@ What it does: watches each login for the signs of stolen credentials and answers
 
 **Signals** (per login; counts live in the limit store, so every gateway instance sees the same):
 
-* ``volume`` — messages taken into custody (relayed or held) in the current ``window`` (sliding),
-  compared with the login's own baseline: the mean number of delivered messages per *active*
-  window (one in which it sent anything) over ``baseline_period``, read from the audit log, ending
-  where the current window starts (so a burst cannot raise its own baseline), cached per login for
-  ``baseline_cache``, never below ``min_messages``. It fires above ``volume_factor`` * baseline.
-  The mean is over active windows rather than over every hour of the period: the current window
-  is active by construction, so comparing it with a mean diluted by nights and weekends would flag
-  every office worker on a Monday morning.
+* ``volume`` — messages taken into custody (relayed, queued or held) in the current ``window``
+  (sliding), compared with the login's own baseline: the mean number of delivered messages per
+  *active* window (one in which it sent anything) over ``baseline_period``, read from the audit
+  log, ending where the current window starts (so a burst cannot raise its own baseline), cached
+  per login for ``baseline_cache``, never below ``min_messages``. It fires above
+  ``volume_factor`` * baseline. The mean is over active windows rather than over every hour of
+  the period: the current window is active by construction, so comparing it with a mean diluted
+  by nights and weekends would flag every office worker on a Monday morning.
 * ``recipients`` — distinct recipient addresses in the current window, against the mean distinct
   recipients per active window (floor ``min_recipients``), above ``recipients_factor`` * baseline.
 * ``ips`` — distinct client addresses (grouped by ``limits.ipv4_prefix`` / ``ipv6_prefix``, like
@@ -43,7 +43,8 @@ evidence as JSON.
 **Stages of the SMTP dialogue.** ``auth``: only ``record_auth`` (failure counting, client
 addresses, bursts; a transition can happen here); ``mail``: refuses a suspended login; ``data``:
 assesses the signals with this message included, applies the stage; ``finish`` counts the message
-when it was relayed or held. Trusted-network clients without a login are not judged.
+when it was relayed, queued or held (its recipients delivered, queued or held). Trusted-network
+clients without a login are not judged.
 
 **warn mode** (read from ``[checks.account-guard] mode``): the signals are measured and counted
 exactly as in enforce mode, but no stage is stored and no event is audited; the verdicts the
@@ -113,6 +114,9 @@ CHECK_ID = "account-guard"
 DISTINCT_CAP = 50_000
 CACHE_MAX = 10_000
 MAX_STAGE = {"flag": FLAGGED, "hold": HELD, "suspend": SUSPENDED}
+#: recipient statuses that count as sent volume: delivered in the session, taken into the durable
+#: queue (the client got 250; delivered or bounced later) or held for review
+_SENT = frozenset({RecipientStatus.DELIVERED, RecipientStatus.QUEUED, RecipientStatus.HELD})
 _ACTIONS = {FLAGGED: Action.CONTINUE, HELD: Action.HOLD, SUSPENDED: Action.REJECT}
 
 
@@ -421,16 +425,14 @@ class AccountGuard:
         await self._escalate(login, state, assessment, Stage.AUTH, attempt.session, None)
 
     async def finish(self, txn: Transaction, delivered: bool) -> None:
-        """After the relay: count the message if it was taken into custody (relayed or held)."""
+        """After the relay: count the message if it was taken into custody (relayed, queued or
+        held): its recipients delivered in the session, accepted into the durable queue or held
+        for review are all mail the login sent."""
         noted = txn.check_state.pop(CHECK_ID, None)
         if not isinstance(noted, tuple):
             return
         login, epoch = noted
-        taken = [
-            r.address.lower()
-            for r in txn.recipients
-            if r.status in (RecipientStatus.DELIVERED, RecipientStatus.HELD)
-        ]
+        taken = [r.address.lower() for r in txn.recipients if r.status in _SENT]
         if not taken:
             return
         index = int(self.clock() // self.window)

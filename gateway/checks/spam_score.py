@@ -1,7 +1,7 @@
 """Check ``spam-score``: the rules engine's symbols and score, mapped to one action.
 
 What it does: at end of data scans the message with the rule set (``gateway.rules``: shipped
-``policies/rules/*.toml`` overlaid by the site's rule directories), off the event loop. It adds one
+``policies/rules/*.toml`` overlaid by the site's rule directories; where: see below). It adds one
 symbol of its own, ``FANOUT_IDENTICAL_CONTENT``: the same normalised body sent by one login to
 ``fanout_recipients`` distinct recipients within ``fanout_window`` (content fingerprints and hashed
 recipients live in the limit store, never bodies). The rule set's ``[actions]`` thresholds map the
@@ -12,24 +12,35 @@ are computed and reported ("would have fired") but do not count. The verdict's r
 score and every symbol, for the audit.
 
 With ``rspamd_url`` set, the message is also sent to rspamd (``gateway.rules.rspamd``), at the same
-time as our own scan runs in its thread. rspamd's total times ``rspamd_weight`` (floored at 0) is
+time as our own scan runs. rspamd's total times ``rspamd_weight`` (floored at 0) is
 added as ONE counted symbol, ``RSPAMD_SCORE``; rspamd's own symbols are listed as
 ``RSPAMD_<NAME>(score, info)`` and never counted (they are inside ``RSPAMD_SCORE``). When rspamd
 fails (refused, ``rspamd_timeout``, bad answer): ``rspamd_on_error = "skip"`` adds the zero-score
 ``RSPAMD_UNAVAILABLE`` and our rules decide alone (a warning is logged); ``"defer"`` raises, so
 the check's ``on_error`` applies (451 4.3.0 by default).
 
+Where our scan runs (``workers``): by default in worker processes (``gateway.rules.workers``,
+like rspamd's and spamd's scanner children), one per CPU but one, every message whatever its size:
+the event loop only hands the message over and reads the result, and the other cores scan. With
+``workers = 0`` the scan runs in the gateway process: messages up to ``inline_max_bytes`` on the
+event loop (the hand-off to a thread costs more than scanning a small message), larger ones in a
+thread (the GIL: no parallelism). A worker that dies or is killed fails the scans it had (the
+check's ``on_error``: 451 by default, never fail open) and is replaced; a scan beyond the check's
+``timeout`` fails with the timeout and its worker is killed and replaced shortly after.
+:meth:`SpamScore.close` stops the workers (the pipeline's ``close()`` calls it); a scan that
+still comes after it (a transaction that began on a pipeline a reload retired) runs in a thread.
+
 Reads: the message bytes (in memory only), the recipients, the login, the limit store; with
 ``rspamd_url``, rspamd's answer.
 
 Security notes: symbols' details carry header names, counts and list entries, never message
-content; nothing here logs the message. A message larger than ``inline_max_bytes`` is scanned in a
-worker thread with the check's timeout, so a large or pathological message cannot stall other
-sessions; a small one is scanned on the event loop (the hand-off to a thread costs more than the
-scan; the regexes are linted for backtracking at load and the MIME walk is bounded, so a small
-message's scan is bounded too). With
-``rspamd_url`` the message and envelope go to that rspamd (a local service the operator
-configured); only rspamd's symbol names and scores come back into results and logs.
+content; nothing here logs the message. A worker process, or with ``workers = 0`` a thread for a
+message beyond ``inline_max_bytes``, scans under the check's timeout, so a large or pathological
+message cannot stall other sessions (a small one scanned on the loop is bounded too: the regexes
+are linted for backtracking at load and the MIME walk is bounded). Message bytes go to the worker
+processes over private socketpairs only. With ``rspamd_url`` the message and envelope go to that
+rspamd (a local service the operator configured); only rspamd's symbol names and scores come back
+into results and logs.
 """
 
 from __future__ import annotations
@@ -53,11 +64,13 @@ from gateway.ratelimit.store import LimitStore
 from gateway.rules import MessageTooComplex, RuleEngine, load_rules
 from gateway.rules.model import Result, SpamAction, SymbolHit
 from gateway.rules.rspamd import RspamdClient, RspamdUnavailable, parse_url, unavailable_hit
+from gateway.rules.workers import ScanWorkers, default_count
 
 log = logging.getLogger("mailward.checks.spam_score")
 
 CHECK_ID = "spam-score"
 FANOUT_SYMBOL = "FANOUT_IDENTICAL_CONTENT"
+MAX_WORKERS = 256
 
 
 @dataclass(frozen=True)
@@ -74,11 +87,18 @@ class Options:
     )
     fanout_window: str = doc_field("1h", "Window for the identical-content fan-out (duration).")
     fanout_score: float = doc_field(6.0, "Score of FANOUT_IDENTICAL_CONTENT.")
+    workers: int | Literal["auto"] = doc_field(
+        "auto",
+        "Worker processes that run the rule scan, off the event loop and on the other cores: "
+        "`auto` is one per CPU minus one (at least 1); every message is scanned there. A worker "
+        "that dies or exceeds `timeout` is replaced (its scans get `on_error`). 0: scan in the "
+        "gateway process (see `inline_max_bytes`).",
+    )
     inline_max_bytes: int = doc_field(
         32768,
-        "Messages up to this size are scanned on the event loop; larger ones in a worker thread "
-        "(bounded by the check's `timeout`, other sessions keep running). A thread hand-off costs "
-        "more than scanning a small message; 0 sends every scan to a thread.",
+        "Only with `workers = 0`: messages up to this size are scanned on the event loop; larger "
+        "ones in a thread (bounded by the check's `timeout`, other sessions keep running). A "
+        "thread hand-off costs more than scanning a small message; 0 sends every scan to a thread.",
     )
     rspamd_url: str = doc_field(
         "",
@@ -110,6 +130,8 @@ class Options:
             raise ConfigError("", "fanout_window", str(exc)) from None
         if self.fanout_recipients < 0:
             raise ConfigError("", "fanout_recipients", "must not be negative")
+        if self.workers != "auto" and not 0 <= self.workers <= MAX_WORKERS:
+            raise ConfigError("", "workers", f'must be "auto" or 0 to {MAX_WORKERS}')
         if self.inline_max_bytes < 0:
             raise ConfigError("", "inline_max_bytes", "must not be negative")
         if self.rspamd_url:
@@ -121,6 +143,11 @@ class Options:
             raise ConfigError("", "rspamd_timeout", "must be a positive number of seconds")
         if not (math.isfinite(self.rspamd_weight) and self.rspamd_weight >= 0):
             raise ConfigError("", "rspamd_weight", "must be a number >= 0")
+
+
+def worker_count(options: Options) -> int:
+    """How many scan worker processes ``options`` ask for (0: scan in this process)."""
+    return default_count() if options.workers == "auto" else options.workers
 
 
 def load_engine(options: Options) -> RuleEngine:
@@ -178,9 +205,17 @@ class SpamScore:
         self.rspamd = (
             RspamdClient(options.rspamd_url, options.rspamd_timeout) if options.rspamd_url else None
         )
+        count = worker_count(options)
+        # the processes start at the first scan: a pipeline built to validate starts none
+        self.workers = ScanWorkers(engine.ruleset, count) if count else None
+
+    async def close(self) -> None:
+        """Stop the worker processes (in-flight scans may finish first); idempotent."""
+        if self.workers is not None:
+            await self.workers.close()
 
     async def scan(self, txn: Transaction) -> SpamScan:
-        """Our rules (in a thread) and rspamd (when configured), at the same time."""
+        """Our rules (in a worker) and rspamd (when configured), at the same time."""
         asked = asyncio.create_task(self._ask_rspamd(txn)) if self.rspamd else None
         try:
             result, symbols, score = await self._scan_own(txn)
@@ -218,20 +253,31 @@ class SpamScore:
     async def _scan_own(self, txn: Transaction) -> tuple[Result, list[SymbolHit], float]:
         assert txn.content is not None
         recipients = [r.address for r in txn.accepted]
-        scan = functools.partial(
-            self.engine.scan,
-            txn.content,
-            recipients=recipients,
-            login=txn.session.login,
-            # the fan-out is counted per login: no login, no fingerprint to compare
-            with_fingerprint=self.options.fanout_recipients > 0
-            and bool(txn.session.login)
-            and bool(recipients),
+        # the fan-out is counted per login: no login, no fingerprint to compare
+        with_fingerprint = (
+            self.options.fanout_recipients > 0 and bool(txn.session.login) and bool(recipients)
         )
-        if len(txn.content) <= self.options.inline_max_bytes:
-            result = scan()
+        if self.workers is not None and not self.workers.closed:
+            result = await self.workers.scan(
+                txn.content,
+                recipients=recipients,
+                login=txn.session.login,
+                with_fingerprint=with_fingerprint,
+            )
         else:
-            result = await asyncio.to_thread(scan)
+            scan = functools.partial(
+                self.engine.scan,
+                txn.content,
+                recipients=recipients,
+                login=txn.session.login,
+                with_fingerprint=with_fingerprint,
+            )
+            # also after close(): a transaction that began on a pipeline a reload has retired
+            # may reach end of data after the old pipeline was closed; it is scanned here
+            if self.workers is None and len(txn.content) <= self.options.inline_max_bytes:
+                result = scan()
+            else:
+                result = await asyncio.to_thread(scan)
         symbols = list(result.symbols)
         score = result.score
         login = txn.session.login

@@ -2,7 +2,7 @@
 
 What it does: parses the global options (``--config``), dispatches to the sub-command modules
 (``serve``, ``demo``, ``config``, ``policy``, ``db``, ``user``, ``audit``, ``limit``,
-``quarantine``, ``account``, ``queue``), and maps errors to exit
+``quarantine``, ``account``, ``queue``, ``key``), and maps errors to exit
 codes: 0 ok, 1 operational failure, 2 configuration/usage error.
 
 Reads: argv, ``MAILWARD_CONFIG``.
@@ -35,6 +35,7 @@ SUBCOMMAND_MODULES = (
     "quarantine",
     "account",
     "queue",
+    "key",
 )
 
 

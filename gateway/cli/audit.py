@@ -5,8 +5,10 @@ What it does: ``list`` prints the newest records first (a table, or one JSON obj
 login, sender, recipient (an address or ``@domain``, case-insensitive), check id (``--verdict``),
 outcome and kind; ``--limit`` sets the page size and ``--before-id`` continues after the last id of
 the previous page. ``show ID`` prints one record completely: session, envelope, replies, each
-recipient with its result and each check verdict. Exit 0 on success, 1 when the database is
-unreachable or the record does not exist, 2 for bad options (a bad date names the option).
+recipient with its result (and, when the ``encryption`` check judged it, its encryption decision,
+policy, format, the fingerprint of the key used and the reason) and each check verdict. Exit 0
+on success, 1 when the database is unreachable or the record does not exist, 2 for bad options
+(a bad date names the option).
 
 Reads: the configuration (``database.*``) and the audit tables.
 
@@ -224,6 +226,14 @@ def format_record(record: AuditRecord) -> str:
             f"    {rcpt.position + 1}. {printable(rcpt.address)}  {printable(rcpt.status)}  "
             f"{printable(rcpt.reply or '-')}"
         )
+        if rcpt.encryption_decision is not None:
+            lines.append(
+                f"       encryption: {printable(rcpt.encryption_decision)}"
+                f"  policy={printable(rcpt.encryption_policy or '-')}"
+                f"  format={printable(rcpt.encryption_format or '-')}"
+                f"  key={printable(rcpt.encryption_key or '-')}"
+            )
+            lines.append(f"       encryption reason: {printable(rcpt.encryption_reason or '-')}")
     lines.append(f"  verdicts ({len(record.verdicts)}):")
     for v in record.verdicts:
         applied = "applied" if v.applied else "not applied (would have)"

@@ -5,13 +5,21 @@ What it does: ``list`` prints held messages newest first (a table, or one JSON o
 the next page. ``ID`` is the entry id, also accepted as ``Q<id>`` (how the client's 250 reply and
 the audit's queue id name it). ``show ID`` prints one entry's metadata (envelope, who held it and
 why, the decision); ``--headers`` adds the message's header block -- never the body. ``release ID``
-relays the held bytes with the original envelope to the configured upstream (``[relay]``) and
-records ``released``, or ``release-failed`` with the upstream's reply (exit 1; every refused
-recipient is named, and nothing is sent unless all are accepted). ``delete ID`` records
-``deleted`` and erases the stored bytes. Release and delete work only on ``held`` or
-``release-failed`` entries; a second release is refused. ``--force`` also acts on an entry left
-``releasing`` by an interrupted release (check first whether the upstream got it). Each decision
-records ``decided_at`` and ``decided_by`` (``cli:<OS user>``) in the row, is an audit event
+sends the held message with the original envelope to the configured upstream (``[relay]``) as
+live mail is sent (:mod:`gateway.quarantine.release`): each recipient is judged now by the
+``encryption`` check (policy from this configuration, keys from the key store, the gateway's
+GNUPGHOME ``keys.gnupg_home``), the recipients are grouped and encrypted, one upstream
+transaction per copy; what fails temporarily after a copy was delivered goes to the durable queue
+(``queue.spool_dir``), which the running gateway retries. It records ``released`` with the report
+(what each recipient got, what was queued, who was not sent), or ``release-failed`` with why
+(exit 1; nothing was sent: every refused recipient is named, a copy is sent only when the
+upstream accepts all its recipients, the key store down or a failed encryption sends nothing).
+After ``released`` each recipient is printed with what happened; exit 1 when one was not sent (a
+``required`` recipient without a usable key now, or refused for good by the upstream).
+``delete ID`` records ``deleted`` and erases the stored bytes. Release and delete work only on
+``held`` or ``release-failed`` entries; a second release is refused. ``--force`` also acts on
+an entry left ``releasing`` by an interrupted release (check first whether the upstream got it).
+Each decision records ``decided_at`` and ``decided_by`` (``cli:<OS user>``) in the row, is an audit event
 written in the same database transaction (kinds ``quarantine-release``,
 ``quarantine-release-failed``, ``quarantine-delete``; listener ``cli``; the entry's queue id and
 transaction id, the operator and the upstream's reply: ``mailward audit list --kind ...``) and is
@@ -19,8 +27,11 @@ logged at WARNING (logger ``mailward.quarantine``). Exit 0 on success, 1 for an 
 refused decision, a failed release or an unreachable database (one line), 2 for bad options or
 configuration.
 
-Reads/writes: the configuration (``database.*``; ``[relay]`` and ``smtp.hostname`` for release),
-the ``quarantine`` table, ``audit_record`` (decisions), the upstream relay (release only).
+Reads/writes: the configuration (``database.*``; for release ``[relay]``, ``smtp.hostname``,
+``[pipeline]`` and ``[checks.encryption]``, ``[keys]``, ``[queue]``), the ``quarantine`` table,
+``audit_record`` (decisions); release only: the upstream relay, the key store (``last_used_at``),
+the GNUPGHOME, the spool and the queue tables (a queued remainder). Run it as the gateway's user:
+the GNUPGHOME and the spool must stay readable by the gateway.
 
 Security notes: the body of a held message is never printed; ``--headers`` prints the header block
 only. Everything printed that came from clients (addresses, Message-ID, headers, reasons, replies)
@@ -115,7 +126,7 @@ def register(sub: Any) -> None:
     show.set_defaults(func=handle_show)
 
     for name, helptext in (
-        ("release", "relay the held message upstream, exactly as held"),
+        ("release", "send the held message upstream, encrypted per recipient as live mail"),
         ("delete", "delete the held message (its bytes are erased)"),
     ):
         cmd = sub2.add_parser(name, help=helptext)
@@ -278,31 +289,77 @@ def handle_show(args: argparse.Namespace) -> int:
 def handle_release(args: argparse.Namespace) -> int:
     config = load(args)
     from gateway.app import gateway_hostname
+    from gateway.auth.store import SqlAccountStore
+    from gateway.checks.encryption import rcpt_stage, stored_message_planner
     from gateway.config import resolve_secret
-    from gateway.quarantine.release import release_held
+    from gateway.crypto.plan import EncryptionPlanner
+    from gateway.keys.gpghome import KeyRing
+    from gateway.keys.store import SqlKeyStore
+    from gateway.quarantine.release import ReleaseReport, release_and_record
+    from gateway.queue import dsn
+    from gateway.queue.spool import Spool
+    from gateway.queue.store import SqlQueueStore
     from gateway.relay import UpstreamRelay
+    from gateway.service import Custody
 
     password = resolve_secret(config.relay.password, "relay.password")
     by = operator()
+    hostname = gateway_hostname(config)
+    timeout = config.database.timeout
 
-    async def run(store: SqlQuarantine) -> QuarantineEntry:
-        relay = UpstreamRelay(
-            config.relay,
-            helo_name=config.relay.helo_name or gateway_hostname(config),
-            password=password,
-        )
-        try:
-            return await release_held(store, args.id, relay, decided_by=by, force=args.force)
-        finally:
-            await relay.close()
+    async def run() -> tuple[QuarantineEntry, ReleaseReport | None]:
+        # wired as the composition root wires the live gateway (gateway/app.py)
+        async with open_engine(config) as engine:
+            store = SqlQuarantine(engine, timeout=timeout)
+            keys = SqlKeyStore(engine, timeout=timeout)
+            accounts = SqlAccountStore(engine, timeout=timeout)
+            queue = SqlQueueStore(engine, timeout=timeout, lifetime=config.queue.lifetime_seconds)
+            relay = UpstreamRelay(
+                config.relay, helo_name=config.relay.helo_name or hostname, password=password
+            )
+            planner = stored_message_planner(
+                rcpt_stage(config, keys),
+                EncryptionPlanner(KeyRing.from_config(config), keys, gpg=config.keys.gpg),
+            )
+            custody = Custody(
+                Spool(config.queue.spool_path(config.state_dir)),
+                queue,
+                dsn=dsn,
+                sender_owned=accounts.sender_owned,
+                reporting_mta=hostname,
+                min_free_space=config.queue.min_free_bytes,
+                retry_first=config.queue.retry_first_seconds,
+            )
+            try:
+                return await release_and_record(
+                    store,
+                    args.id,
+                    relay,
+                    decided_by=by,
+                    force=args.force,
+                    planner=planner,
+                    custody=custody,
+                )
+            finally:
+                await relay.close()
+                for closing in (store, keys, accounts, queue):
+                    await closing.close()
 
     try:
-        entry = _with_store(config, run)
+        entry, outcome = asyncio.run(run())
     except GatewayError as exc:
         return report(exc)
     if entry.status != RELEASED:
         return fail(f"quarantine {args.id} release failed: {printable(entry.upstream_reply or '')}")
     print(f"quarantine {args.id} released: {printable(entry.upstream_reply or '')}")
+    if outcome is None or (len(outcome.sent) == 1 and outcome.complete and not outcome.queued):
+        return EXIT_OK
+    rows: list[tuple[str, ...]] = [("RECIPIENT", "RESULT", "REPLY")]
+    rows += [(f"<{address}>", what, reply) for address, what, reply in outcome.recipients()]
+    print_table(rows)
+    if not outcome.complete:
+        missing = len(outcome.refused) + len(outcome.not_sent)
+        return fail(f"quarantine {args.id}: {missing} recipient(s) did not get the message")
     return EXIT_OK
 
 

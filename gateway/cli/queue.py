@@ -20,7 +20,10 @@ A copy being attempted right now (live claim) is never changed: the command says
 can be repeated once the attempt is recorded. Each action that changed something is an audit event
 (kinds ``queue-retry``, ``queue-hold``, ``queue-release``, ``queue-delete``; listener ``cli``; the
 message's transaction id and queue id, the operator ``cli:<OS user>``: ``mailward audit list
---kind ...``) and is logged at WARNING (logger ``mailward.queue``). They work on the database
+--kind ...``) written in the same database transaction as the change (an event that cannot be
+written leaves the queue unchanged), and is logged at WARNING (logger ``mailward.queue``). The DSN
+of ``delete --bounce`` is enqueued in that transaction too (its spool file is written before; if
+the transaction fails, the file is an orphan the runner deletes). They work on the database
 directly, with or without a running gateway. Exit 0 on success (also when the message already
 was in the state asked for), 1 for an unknown id, a refused action, an unreachable database or
 spool (one line), 2 for bad options (an unknown state, a malformed id) or configuration.
@@ -39,7 +42,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import getpass
 import json
 import logging
@@ -49,7 +51,7 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from gateway.audit.store import SqlAuditStore
-from gateway.auth.store import SqlAccountStore, UnknownLogin
+from gateway.auth.store import SqlAccountStore
 from gateway.cli.common import (
     EXIT_FAILURE,
     EXIT_OK,
@@ -61,10 +63,10 @@ from gateway.cli.common import (
 )
 from gateway.cli.db import report
 from gateway.config import Config
-from gateway.core.errors import AuditUnavailable, GatewayError
+from gateway.core.errors import GatewayError, StoreUnavailable
 from gateway.core.message import Headers
-from gateway.core.model import Session, address_matches, utcnow
-from gateway.db.engine import DB_ERRORS, describe_db_error, open_engine
+from gateway.core.model import Session, utcnow
+from gateway.db.engine import open_engine
 from gateway.queue.dsn import build_dsn, envelope_flags, may_bounce
 from gateway.queue.model import (
     BOUNCED,
@@ -75,16 +77,17 @@ from gateway.queue.model import (
     HELD,
     PENDING,
     QUEUED,
-    NewCopy,
+    NewBounce,
+    OperatorChange,
     QueuedCopy,
     QueuedMessage,
     QueuedRecipient,
 )
 from gateway.queue.spool import Spool, SpoolCorrupt, SpoolError
-from gateway.queue.store import SqlQueueStore
+from gateway.queue.store import ChangeHook, SqlQueueStore
 
 if TYPE_CHECKING:
-    from sqlalchemy.ext.asyncio import AsyncEngine
+    from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 T = TypeVar("T")
 
@@ -212,31 +215,50 @@ def _run(config: Config, fn: Callable[[_Context], Awaitable[T]]) -> T:
     return asyncio.run(run())
 
 
-async def _record(
-    ctx: _Context, kind: str, detail: str, message: QueuedMessage | None, *, done: str
+async def _record_in(
+    conn: AsyncConnection, kind: str, detail: str, message: QueuedMessage | None
 ) -> int:
-    """Write the audit event of an operator action that ``done`` describes (its own database
-    transaction, after the change: a change is never audited before it happened)."""
+    """Write the audit event of an operator action inside the change's own database transaction
+    ``conn`` (the store's ``event`` hook): the change and its event commit together or not at
+    all. Database errors propagate (the store rolls back and reports them)."""
     session = Session(client_ip="-", client_port=0, listener="cli")
-    try:
-        async with ctx.engine.begin() as conn:
-            if message is None:
-                return await SqlAuditStore.record_event_in(conn, session, kind, detail)
-            return await SqlAuditStore.record_decision_in(
-                conn,
-                session,
-                kind,
-                detail,
-                login=message.login,
-                transaction_id=message.txn_id,
-                queue_id=queue_ref(message.id),
-            )
-    except DB_ERRORS as error:
-        log.error("%s, but its audit event was not written: %s", done, describe_db_error(error))
-        raise AuditUnavailable(
-            f"{done}, but the audit log is unavailable ({describe_db_error(error)}): "
-            "the event was not recorded"
-        ) from None
+    if message is None:
+        return await SqlAuditStore.record_event_in(conn, session, kind, detail)
+    return await SqlAuditStore.record_decision_in(
+        conn,
+        session,
+        kind,
+        detail,
+        login=message.login,
+        transaction_id=message.txn_id,
+        queue_id=queue_ref(message.id),
+    )
+
+
+class _Audited:
+    """The store's ``event`` hook for one operator action: writes its audit event, with the
+    detail ``describe(change)`` gives (which may refuse the change by raising), in the change's
+    transaction; keeps the change and the record id."""
+
+    def __init__(
+        self, kind: str, message: QueuedMessage | None, describe: Callable[[OperatorChange], str]
+    ) -> None:
+        self.kind = kind
+        self.message = message
+        self.describe = describe
+        self.change: OperatorChange | None = None
+        self.audit_id: int | None = None
+
+    async def __call__(self, conn: AsyncConnection, change: OperatorChange) -> int:
+        detail = self.describe(change)
+        self.audit_id = await _record_in(conn, self.kind, detail, self.message)
+        self.change = change
+        return self.audit_id
+
+
+def _not_done(what: str, exc: StoreUnavailable) -> StoreUnavailable:
+    """A failed change: nothing changed (the change and its audit event were one transaction)."""
+    return StoreUnavailable(f"{what}: nothing changed ({exc})")
 
 
 class _Refused(GatewayError):
@@ -484,40 +506,62 @@ async def _change(
     message_id: int,
     action: str,
     kind: str,
-    change: Callable[[], Awaitable[int]],
+    change: Callable[[ChangeHook], Awaitable[int]],
     done: str,
 ) -> str:
-    """Apply one operator change to a message, audit it and say what it did."""
+    """Apply one operator change to a message with its audit event (one database transaction)
+    and say what it did."""
     m = _fetch(await ctx.store.get(message_id), message_id)
-    changed = await change()
+    by = operator()
+    event = _Audited(
+        kind,
+        m,
+        lambda c: f"queue {queue_ref(m.id)} {done} by {by}: {_copies(len(c.copies))}",
+    )
+    try:
+        changed = await change(event)
+    except StoreUnavailable as exc:
+        raise _not_done(f"queue {m.id}: {action} failed", exc) from None
     if not changed:
         raise _why_unchanged(m, action, utcnow())
-    by = operator()
-    detail = f"queue {queue_ref(m.id)} {done} by {by}: {_copies(changed)}"
-    audit_id = await _record(ctx, kind, detail, m, done=f"queue {m.id} {done}")
-    log.warning("queue %d: %s by %s (%s, audit %d)", m.id, done, by, _copies(changed), audit_id)
-    return f"queue {m.id}: {done} ({_copies(changed)}, audit record {audit_id})"
+    log.warning(
+        "queue %d: %s by %s (%s, audit %s)", m.id, done, by, _copies(changed), event.audit_id
+    )
+    return f"queue {m.id}: {done} ({_copies(changed)}, audit record {event.audit_id})"
 
 
 def handle_retry(args: argparse.Namespace) -> int:
     if args.all:
 
         async def everything(ctx: _Context) -> str:
-            changed = await ctx.store.retry_now(None)
             by = operator()
-            detail = f"queue retry --all by {by}: {_copies(changed)} due now"
-            audit_id = await _record(
-                ctx, "queue-retry", detail, None, done=f"{_copies(changed)} made due now"
+            event = _Audited(
+                "queue-retry",
+                None,
+                lambda c: f"queue retry --all by {by}: {_copies(len(c.copies))} due now",
             )
-            log.warning("queue: retry --all by %s (%s, audit %d)", by, _copies(changed), audit_id)
-            return f"queue: {_copies(changed)} due now (audit record {audit_id})"
+            try:
+                changed = await ctx.store.retry_now(None, event=event)
+            except StoreUnavailable as exc:
+                raise _not_done("queue retry --all failed", exc) from None
+            if not changed:
+                raise _Unchanged("queue: no queued copy to retry; nothing changed")
+            log.warning(
+                "queue: retry --all by %s (%s, audit %s)", by, _copies(changed), event.audit_id
+            )
+            return f"queue: {_copies(changed)} due now (audit record {event.audit_id})"
 
         return _act(args, everything)
 
     return _act(
         args,
         lambda ctx: _change(
-            ctx, args.id, "retry", "queue-retry", lambda: ctx.store.retry_now(args.id), "due now"
+            ctx,
+            args.id,
+            "retry",
+            "queue-retry",
+            lambda event: ctx.store.retry_now(args.id, event=event),
+            "due now",
         ),
     )
 
@@ -530,7 +574,7 @@ def handle_hold(args: argparse.Namespace) -> int:
             args.id,
             "hold",
             "queue-hold",
-            lambda: ctx.store.set_state(args.id, HELD, origins=(QUEUED,)),
+            lambda event: ctx.store.set_state(args.id, HELD, origins=(QUEUED,), event=event),
             "held",
         ),
     )
@@ -544,7 +588,7 @@ def handle_release(args: argparse.Namespace) -> int:
             args.id,
             "release",
             "queue-release",
-            lambda: ctx.store.set_state(args.id, QUEUED, origins=(HELD,)),
+            lambda event: ctx.store.set_state(args.id, QUEUED, origins=(HELD,), event=event),
             "released, due now",
         ),
     )
@@ -554,18 +598,13 @@ def handle_release(args: argparse.Namespace) -> int:
 
 
 async def _sender_owned(ctx: _Context, login: str | None, address: str) -> bool:
-    """Whether ``address`` is one of ``login``'s own addresses (not a send-as grant): the
-    no-backscatter rule the runner applies before it bounces."""
-    if login is None:
-        return False
+    """The no-backscatter rule the runner applies before it bounces
+    (:meth:`SqlAccountStore.sender_owned`)."""
     accounts = SqlAccountStore(ctx.engine, timeout=ctx.config.database.timeout)
     try:
-        info = await accounts.get_user(login)
-    except UnknownLogin:
-        return False
+        return await accounts.sender_owned(login, address)
     finally:
         await accounts.close()
-    return address_matches(address, info.addresses)
 
 
 async def _original(spool: Spool, copies: list[QueuedCopy]) -> bytes | None:
@@ -598,6 +637,10 @@ def _deleted_reply(r: QueuedRecipient, by: str) -> str:
     return f"{reply}; last attempt: {r.last_reply}" if r.last_reply else reply
 
 
+class _Changed(GatewayError):
+    """The message changed between reading it and deleting it (exit 1, nothing changed)."""
+
+
 async def _delete(ctx: _Context, message_id: int, bounce: bool) -> str:
     now = utcnow()
     by = operator()
@@ -611,47 +654,89 @@ async def _delete(ctx: _Context, message_id: int, bounce: bool) -> str:
         refusal = await _bounce_refusal(ctx, m, original)
         if refusal is not None:
             raise _Refused(f"queue {m.id} may not be bounced: {refusal}; use --silently")
-    reply = f"deleted from the queue by the postmaster ({by})"
-    changed = await ctx.store.set_state(
-        m.id,
-        DELETED,
-        origins=DELETABLE,
-        pending_state=BOUNCED if bounce else DROPPED,
-        reply=reply,
+    # what the delete will end: the pending recipients of the copies nobody is delivering now
+    ending = [
+        r for c in targets if not _live_claim(c, now) for r in c.recipients if r.state == PENDING
+    ]
+    dsn = (
+        await _write_bounce(ctx, spool, m, ending, original, by, now) if bounce and ending else None
     )
-    if not changed:
+
+    def describe(change: OperatorChange) -> str:
+        if bounce and sorted(change.ended) != sorted(r.address for r in ending):
+            # the DSN (if any) names other recipients than the delete ends: roll back
+            raise _Changed(
+                f"queue {m.id} changed while it was being deleted; nothing changed, try again"
+            )
+        how = _how(bounce, change)
+        fate = "bounced" if change.bounce_id is not None else "dropped"
+        return (
+            f"queue {queue_ref(m.id)} deleted {how} by {by}: {_copies(len(change.copies))}, "
+            f"{len(change.ended)} pending recipient(s) {fate}"
+        )
+
+    event = _Audited("queue-delete", m, describe)
+    try:
+        changed = await ctx.store.set_state(
+            m.id,
+            DELETED,
+            origins=DELETABLE,
+            pending_state=BOUNCED if bounce else DROPPED,
+            reply=f"deleted from the queue by the postmaster ({by})",
+            bounce=dsn,
+            event=event,
+        )
+    except _Changed:
+        await _discard(spool, dsn)  # rolled back before the commit: nothing refers to it
+        raise
+    except StoreUnavailable as exc:
+        # the DSN's spool file stays: if the commit happened after all, its row needs it; if not,
+        # it is an orphan the runner deletes
+        raise _not_done(f"queue {m.id}: delete failed", exc) from None
+    change = event.change
+    if not changed or change is None:
+        await _discard(spool, dsn)
         raise _why_unchanged(m, "delete", now)
-    after = _fetch(await ctx.store.get(m.id), m.id)
-    deleted_ids = {c.id for c in after.copies if c.state == DELETED} & {c.id for c in targets}
-    deleted = [c for c in targets if c.id in deleted_ids]
-    ended = [r for c in deleted for r in c.recipients if r.state == PENDING]
-    how = "silently"
-    dsn_id: int | None = None
-    if bounce and ended:
-        dsn_id = await _queue_bounce(ctx, spool, m, ended, original, by, now)
-        how = f"with a bounce (queue {dsn_id})"
-    elif bounce:
-        how = "without a bounce (no pending recipient)"
+    deleted = [c for c in targets if c.id in change.copies]
     for copy in deleted:
         try:
             await spool.remove_async(copy.spool_name)
         except (SpoolError, ValueError) as exc:
             log.warning("queue copy %d: spool file not erased (%s)", copy.id, exc)
-    detail = (
-        f"queue {queue_ref(m.id)} deleted {how} by {by}: {_copies(len(deleted))}, "
-        f"{len(ended)} pending recipient(s) {'bounced' if dsn_id else 'dropped'}"
-    )
-    audit_id = await _record(ctx, "queue-delete", detail, m, done=f"queue {m.id} deleted {how}")
+    how = _how(bounce, change)
+    fate = "bounced" if change.bounce_id is not None else "dropped"
     log.warning(
-        "queue %d: deleted %s by %s (%s, audit %d)", m.id, how, by, _copies(len(deleted)), audit_id
+        "queue %d: deleted %s by %s (%s, audit %s)",
+        m.id,
+        how,
+        by,
+        _copies(len(deleted)),
+        event.audit_id,
     )
     return (
-        f"queue {m.id}: deleted {how}; {len(ended)} pending recipient(s) "
-        f"{'bounced' if dsn_id else 'dropped'} (audit record {audit_id})"
+        f"queue {m.id}: deleted {how}; {len(change.ended)} pending recipient(s) "
+        f"{fate} (audit record {event.audit_id})"
     )
 
 
-async def _queue_bounce(
+def _how(bounce: bool, change: OperatorChange) -> str:
+    if change.bounce_id is not None:
+        return f"with a bounce (queue {change.bounce_id})"
+    if bounce:
+        return "without a bounce (no pending recipient)"
+    return "silently"
+
+
+async def _discard(spool: Spool, dsn: NewBounce | None) -> None:
+    if dsn is None:
+        return
+    try:
+        await spool.remove_async(dsn.spool_name)
+    except (SpoolError, ValueError) as exc:  # an orphan now: the runner deletes it later
+        log.warning("queue: the unused bounce's spool file was not erased (%s)", exc)
+
+
+async def _write_bounce(
     ctx: _Context,
     spool: Spool,
     m: QueuedMessage,
@@ -659,8 +744,9 @@ async def _queue_bounce(
     original: bytes | None,
     by: str,
     now: datetime,
-) -> int:
-    """Write and enqueue the DSN of an operator's delete; its queue id."""
+) -> NewBounce:
+    """Write the DSN of an operator's delete to the spool (durable); the bounce to enqueue in
+    the delete's own database transaction."""
     failed = [replace(r, status=DELETED_STATUS, last_reply=_deleted_reply(r, by)) for r in ended]
     body = build_dsn(
         reporting_mta=_reporting_mta(ctx.config),
@@ -672,21 +758,17 @@ async def _queue_bounce(
     )
     smtputf8, body_8bitmime = envelope_flags(body)
     spooled = await spool.write_async(body)
-    try:
-        return await ctx.store.enqueue(
-            txn_id=f"{m.txn_id}.dsn"[:80],
-            mail_from="",
-            login=m.login,
-            copies=[NewCopy((m.mail_from,), spooled.name, spooled.size, spooled.sha256)],
-            smtputf8=smtputf8,
-            body_8bitmime=body_8bitmime,
-            is_bounce=True,
-            message_id_header=Headers(body).message_id,
-        )
-    except BaseException:
-        with contextlib.suppress(SpoolError):
-            await spool.remove_async(spooled.name)
-        raise
+    return NewBounce(
+        recipient=m.mail_from,
+        spool_name=spooled.name,
+        size=spooled.size,
+        sha256=spooled.sha256,
+        txn_id=f"{m.txn_id}.dsn"[:80],
+        login=m.login,
+        message_id_header=Headers(body).message_id,
+        smtputf8=smtputf8,
+        body_8bitmime=body_8bitmime,
+    )
 
 
 def _reporting_mta(config: Config) -> str:

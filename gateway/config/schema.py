@@ -100,8 +100,22 @@ class SmtpConfig:
         "into CRLF and removes NUL. Either way such bytes are never relayed as received.",
     )
     smtputf8: bool = doc_field(True, "Offer SMTPUTF8 (RFC 6531) to clients.")
+    shutdown_grace: str = doc_field(
+        "10s",
+        "On SIGTERM, how long transactions in flight (and queue deliveries) may take to finish "
+        "while new connections get 421 4.3.2; what is still open then gets the 421 and is closed "
+        "(its client never got 250 and sends the message again). A duration like `10s`, `1m`.",
+    )
+
+    @property
+    def shutdown_grace_seconds(self) -> float:
+        return parse_duration(self.shutdown_grace)
 
     def validate(self) -> None:
+        try:
+            self.shutdown_grace_seconds  # noqa: B018
+        except ValueError as exc:
+            raise ConfigError("", "shutdown_grace", str(exc)) from None
         for i, net in enumerate(self.trusted_networks):
             try:
                 ipaddress.ip_network(net, strict=False)
@@ -489,6 +503,53 @@ class QueueConfig:
 
 
 @dataclass(frozen=True)
+class KeysConfig:
+    gnupg_home: str = doc_field(
+        "{state_dir}/gnupg",
+        "The gateway-owned GNUPGHOME holding the key store's usable OpenPGP public keys (kept in "
+        "sync automatically, rebuilt by `mailward key sync`; may be deleted at any time). "
+        "`{state_dir}` is replaced by `state_dir`. The store in the database is the source of "
+        "truth, never this directory.",
+    )
+    gpg: str = doc_field("gpg", "The gpg program (GnuPG 2.2 or later): a name on PATH or a path.")
+    gpg_timeout: float = doc_field(
+        10.0, "Seconds one gpg run (import, listing) may take before it is killed."
+    )
+    max_key_size: str = doc_field(
+        "64K",
+        "Largest key or certificate file `mailward key import` accepts (bytes, or with a unit: "
+        "`64K`); larger files are refused before they are parsed.",
+    )
+    max_user_ids: int = doc_field(
+        16,
+        "Most user IDs an OpenPGP key (or email addresses a certificate) may have to be imported.",
+    )
+
+    def gnupg_path(self, state_dir: str) -> str:
+        return self.gnupg_home.replace("{state_dir}", state_dir)
+
+    @property
+    def max_key_bytes(self) -> int:
+        return parse_size(self.max_key_size)
+
+    def validate(self) -> None:
+        if not self.gnupg_home.strip():
+            raise ConfigError("", "gnupg_home", "must not be empty")
+        if not self.gpg.strip():
+            raise ConfigError("", "gpg", "must not be empty")
+        if self.gpg_timeout <= 0:
+            raise ConfigError("", "gpg_timeout", "must be positive")
+        try:
+            size = parse_size(self.max_key_size)
+        except ValueError as exc:
+            raise ConfigError("", "max_key_size", str(exc)) from None
+        if size < 1024:
+            raise ConfigError("", "max_key_size", "must be at least 1K")
+        if self.max_user_ids < 1:
+            raise ConfigError("", "max_user_ids", "must be at least 1")
+
+
+@dataclass(frozen=True)
 class LogConfig:
     level: Literal["debug", "info", "warning", "error"] = doc_field("info", "Log level.")
     format: Literal["text", "json"] = doc_field("text", "`text` for humans, `json` one per line.")
@@ -507,6 +568,7 @@ class Config:
     pipeline: PipelineConfig = field(default_factory=PipelineConfig, metadata={"doc": ""})
     limits: LimitsConfig = field(default_factory=LimitsConfig, metadata={"doc": ""})
     queue: QueueConfig = field(default_factory=QueueConfig, metadata={"doc": ""})
+    keys: KeysConfig = field(default_factory=KeysConfig, metadata={"doc": ""})
     log: LogConfig = field(default_factory=LogConfig, metadata={"doc": ""})
     checks: dict[str, dict[str, Any]] = doc_field(
         {},

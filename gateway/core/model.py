@@ -124,8 +124,42 @@ class RecipientStatus(enum.StrEnum):
     DELIVERED = "delivered"  # upstream accepted the message for it
     DEFERRED = "deferred"  # temporary failure after RCPT; the client was told 4xx
     HELD = "held"  # in quarantine for review; the client was told 250
+    QUEUED = "queued"  # in the durable queue (the client was told 250); delivered or bounced later
+    BOUNCED = "bounced"  # failed for good after the client was told 250: a DSN goes to the sender
     FAILED = "failed"  # permanent failure after RCPT; the client was told 5xx
     ABORTED = "aborted"  # the transaction ended (RSET/QUIT/drop) before delivery
+
+
+@dataclass(frozen=True, slots=True)
+class DeliveryCopy:
+    """One upstream transaction of a delivery plan: ``recipients`` get exactly ``data``.
+
+    A delivery plan (``gateway.core.ports.DeliveryPlanner``) splits the accepted recipients of a
+    message into copies: one copy for all of them without encryption; per-recipient encryption
+    makes several.
+    ``data`` are the final bytes (trace header included, encrypted where the plan says so): what
+    goes upstream and, if it cannot go now, into the queue."""
+
+    recipients: tuple[str, ...]
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class RecipientEncryption:
+    """What the ``encryption`` check decided for one recipient, as audited.
+
+    ``policy``: ``never``, ``opportunistic`` or ``required`` (the policy that applied);
+    ``decision``: ``encrypted``, ``clear`` (clear text allowed), ``refused`` (at RCPT),
+    ``deferred`` (4xx: key store unavailable, encryption failed) or ``pre-encrypted`` (the
+    message arrived encrypted and passed unchanged); ``format``: ``openpgp`` or ``smime`` (empty
+    when nothing was encrypted for the recipient); ``fingerprint``: the key actually used (or
+    chosen); ``reason``: why, in words."""
+
+    policy: str
+    decision: str
+    format: str = ""
+    fingerprint: str = ""
+    reason: str = ""
 
 
 @dataclass(slots=True)
@@ -133,6 +167,8 @@ class Recipient:
     address: str
     status: RecipientStatus = RecipientStatus.ACCEPTED
     reply: str = ""
+    #: the ``encryption`` check's decision (None: the check did not judge this recipient)
+    encryption: RecipientEncryption | None = None
 
 
 @dataclass(frozen=True, slots=True)

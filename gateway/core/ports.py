@@ -2,8 +2,9 @@
 
 What it does: declares what the service calls — :class:`AccountStore` (credentials and ownership),
 :class:`AuditSink` (the mandatory audit record), :class:`Relay` / :class:`UpstreamTransaction` (the
-upstream MTA). Implementations live in ``gateway.auth``, ``gateway.audit`` and ``gateway.relay``; the
-composition root (``gateway.app``) wires them.
+upstream MTA) and :class:`DeliveryPlanner` (which bytes go to which recipients, one upstream
+transaction per copy). Implementations live in ``gateway.auth``, ``gateway.audit``, ``gateway.relay``
+and ``gateway.service`` (the one-copy plan); the composition root (``gateway.app``) wires them.
 
 Reads: nothing.
 
@@ -18,7 +19,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from gateway.core.model import Identity, Session, Transaction, VerdictRecord
+from gateway.core.model import DeliveryCopy, Identity, Session, Transaction, VerdictRecord
 
 _ENHANCED = re.compile(r"^([245])\.(\d{1,3})\.(\d{1,3})\b\s*")
 _QUEUE_ID = re.compile(r"(?:queued as|id=|queue id:?)\s*<?([A-Za-z0-9._-]+)", re.IGNORECASE)
@@ -126,3 +127,14 @@ class Relay(Protocol):
         ...
 
     async def close(self) -> None: ...
+
+
+class DeliveryPlanner(Protocol):
+    async def __call__(self, txn: Transaction, wire: bytes) -> Sequence[DeliveryCopy]:
+        """Split the accepted recipients of ``txn`` into copies, each sent in its own upstream
+        transaction with its own final bytes (``wire`` is the message as relayed: trace header
+        and check headers prepended). Every accepted recipient address is in exactly one copy.
+        Called once per message, before anything is sent or queued, so a copy that must be
+        transformed (encrypted) is never queued untransformed. Raises GatewayError (its reply
+        goes to the client) when no plan can be made."""
+        ...

@@ -153,6 +153,14 @@ MESSAGE_TOO_COMPLEX = Reply(554, "5.6.0", "Message structure too complex to scan
 RATE_LIMITED = Reply(450, "4.7.1", "Rate limit {limit} exceeded, try again in {retry} s")
 RATE_LIMITED_EOM = Reply(451, "4.7.1", "Rate limit {limit} exceeded, try again in {retry} s")
 RATE_LIMIT_NEVER = Reply(552, "5.3.4", "Message exceeds the rate limit {limit} on its own")
+ENCRYPTION_FAILED = Reply(451, "4.3.0", "Encryption failed, try again later")
+ENCRYPTION_KEY_MISSING = Reply(
+    550, "5.7.5", "Encryption required for <{address}> but no usable key is known: {why}"
+)
+ENCRYPTION_ADDRESS_REFUSED = Reply(
+    553, "5.1.3", "Recipient <{address}> cannot be matched to an encryption key: {why}"
+)
+KEY_STORE_UNAVAILABLE = Reply(451, "4.3.0", "Encryption key store unavailable, try again later")
 ACCOUNT_SUSPENDED = Reply(550, "5.7.1", "Account suspended, contact support")
 
 # --- upstream / custody ---------------------------------------------------------------------------
@@ -167,6 +175,9 @@ QUARANTINE_UNAVAILABLE = Reply(451, "4.3.0", "Quarantine unavailable, try again 
 QUEUE_UNAVAILABLE = Reply(451, "4.3.0", "Queue unavailable, try again later")
 INSUFFICIENT_STORAGE = Reply(452, "4.3.1", "Insufficient system storage, try again later")
 HELD_FOR_REVIEW = Reply(250, "2.0.0", "Ok: held for review as Q{id} (transaction {txn})")
+MESSAGE_QUEUED = Reply(
+    250, "2.0.0", "Ok: queued as {queue_id} (transaction {txn}); delivery will be retried"
+)
 
 
 def catalog() -> dict[str, Reply]:

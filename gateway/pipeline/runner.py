@@ -6,7 +6,8 @@ the verdict as "would have" and continues; ``off`` checks are never called. A ch
 exceeds its timeout is an error: ``on_error = "defer"`` (default) answers 451 4.3.0 — never fail open —
 while ``continue`` records the error and goes on. The global ``soft_fail`` turns a permanent verdict
 into its 4xx twin. Every non-continue result is appended to the transaction's verdict list, which the
-audit stores as is.
+audit stores as is. ``close()`` retires the pipeline: it calls each check's optional ``close()`` (e.g.
+spam-score's worker processes).
 
 Reads: the checks and their settings given at construction (built by the registry from config).
 
@@ -149,6 +150,25 @@ class Pipeline:
                 await finish(txn, delivered)
             except Exception:
                 log.exception("check %s finish failed txn=%s", configured.id, txn.id)
+
+    async def close(self) -> None:
+        """Release what checks hold (e.g. spam-score's worker processes): ``close()`` of every
+        configured check that has one, ``off`` checks included, once each. Call it when the
+        pipeline is retired: at shutdown, and for the old pipeline after a reload swapped in a new
+        one. A failing ``close`` is logged and the others still run."""
+        seen: set[int] = set()
+        for checks in self._all.values():
+            for configured in checks:
+                if id(configured.check) in seen:
+                    continue
+                seen.add(id(configured.check))
+                close = getattr(configured.check, "close", None)
+                if close is None:
+                    continue
+                try:
+                    await close()
+                except Exception:
+                    log.exception("check %s close failed", configured.id)
 
     async def _evaluate(
         self, configured: ConfiguredCheck, stage: Stage, txn: Transaction, rcpt: Recipient | None

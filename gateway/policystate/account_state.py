@@ -20,9 +20,10 @@ What it does: :class:`SqlAccountState` keeps one ``account_state`` row per login
   serialises writers), so two gateway instances escalating the same login at once produce one
   transition, not two.
 * :meth:`~SqlAccountState.baseline` measures what is normal for a login: over a past period, the
-  mean number of delivered messages and of distinct delivered-to recipients per *active* window
-  (a window of the given length in which the login had at least one message delivered), from the
-  ``audit_record`` / ``audit_recipient`` rows.
+  mean number of sent messages and of distinct sent-to recipients per *active* window (a window
+  of the given length in which the login sent at least one message), from the ``audit_record`` /
+  ``audit_recipient`` rows. "Sent" is delivered or accepted into the queue (:data:`SENT`), the
+  same volume account-guard counts in the current window.
 
 Reads/writes: the ``account_state`` table (revision ``0004``); writes ``audit_record`` /
 ``audit_verdict`` rows for transitions; reads ``audit_record`` / ``audit_recipient`` for baselines.
@@ -72,6 +73,8 @@ ACCOUNT_STATE = cast(Table, AccountStateRow.__table__)
 RECORD = cast(Table, AuditRecordRow.__table__)
 RECIPIENT = cast(Table, AuditRecipientRow.__table__)
 CACHE_MAX = 10_000
+#: audit outcomes (and recipient statuses) that count as sent volume in a baseline
+SENT = ("delivered", "queued")
 TEXT_LIMIT = 255
 
 
@@ -330,7 +333,7 @@ class SqlAccountState(SqlStore):
     async def baseline(
         self, login: str, *, since: datetime, until: datetime, window: float
     ) -> Baseline:
-        """Mean delivered messages and distinct delivered-to recipients per active window of
+        """Mean sent messages and distinct sent-to recipients per active window of
         ``window`` seconds, for messages of ``login`` started in [since, until).
         Raises StoreUnavailable."""
         login = normalize(login)
@@ -341,7 +344,7 @@ class SqlAccountState(SqlStore):
             mine = and_(
                 func.lower(RECORD.c.login) == login,
                 RECORD.c.kind == "message",
-                RECORD.c.outcome == "delivered",
+                RECORD.c.outcome.in_(SENT),
                 RECORD.c.started_at >= since,
                 RECORD.c.started_at < until,
             )
@@ -351,7 +354,7 @@ class SqlAccountState(SqlStore):
             pairs = (
                 select(bucket.label("w"), func.lower(RECIPIENT.c.address).label("a"))
                 .select_from(RECIPIENT.join(RECORD, RECORD.c.id == RECIPIENT.c.record_id))
-                .where(mine, RECIPIENT.c.status == "delivered")
+                .where(mine, RECIPIENT.c.status.in_(SENT))
                 .distinct()
                 .subquery()
             )

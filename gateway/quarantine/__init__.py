@@ -1,5 +1,6 @@
 """The quarantine ("hold for review"): messages a check decided to hold, kept in the database until
-an operator releases them (relayed upstream exactly as held) or deletes them.
+an operator releases them (sent upstream as live mail is: encrypted per recipient by the
+policy and keys at release time) or deletes them.
 
 What it does: exports the table (:mod:`.models`), the store :class:`SqlQuarantine` (:mod:`.store`)
 and the release operation (:mod:`.release`). ``mailward quarantine`` (``gateway.cli.quarantine``)

@@ -155,6 +155,20 @@ class NewBounce:
     body_8bitmime: bool = False
 
 
+@dataclass(frozen=True, slots=True)
+class OperatorChange:
+    """What an operator's change to a queued message did, as seen inside its database transaction:
+    handed to the caller's hook there, which writes the change's audit event in that same
+    transaction (and may refuse the change by raising: it is rolled back)."""
+
+    #: ids of the copies that changed
+    copies: tuple[int, ...]
+    #: a delete: the pending recipients it ended (bounced or dropped), in copy and position order
+    ended: tuple[str, ...] = ()
+    #: a delete with a bounce: the queue id of the DSN enqueued in the same transaction
+    bounce_id: int | None = None
+
+
 class QueueStore(Protocol):
     """The queue's rows. Every method raises :class:`~gateway.core.errors.StoreUnavailable` when the
     database cannot answer; writes are committed before they return."""
@@ -182,6 +196,12 @@ class QueueStore(Protocol):
         """Claim up to ``limit`` due copies for ``worker`` for ``lease`` seconds; each returned
         message holds only its claimed copies. No copy is ever claimed by two workers at once
         (PostgreSQL: FOR UPDATE SKIP LOCKED)."""
+        ...
+
+    async def release_claims(self, worker: str) -> int:
+        """Release every claim held by ``worker``, at its start: a restarted process with the
+        same (stable) worker id has no attempt in flight, so its copies are due again at once
+        instead of after the lease. How many were released."""
         ...
 
     async def record_attempt(
@@ -222,6 +242,10 @@ class QueueStore(Protocol):
         ...
 
     async def get(self, message_id: int) -> QueuedMessage | None: ...
+
+    async def get_copy(self, copy_id: int) -> QueuedMessage | None:
+        """The message holding copy ``copy_id``, with only that copy, or None."""
+        ...
 
     async def list(
         self, *, state: str | None = None, limit: int = 100, before_id: int | None = None

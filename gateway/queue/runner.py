@@ -23,11 +23,18 @@ What it does: :class:`QueueRunner` is an asyncio background task (Postfix's qmgr
 5. records the attempt (refused if the claim was lost: then nothing is recorded and the other
    worker's attempt counts) and removes the spool file of a finished copy.
 
+When a copy reaches a final state (``done``: every recipient delivered, bounced or dropped; or
+``corrupt``, during a delivery or found so by :meth:`~QueueRunner.recover` at start) the runner
+calls its ``on_final`` hook with the copy as recorded (the composition root writes the audit
+event); a failing hook is logged and changes nothing.
+
 Once per message, after ``warn_after``, a warning DSN (``Action: delayed``) lists the recipients
-still pending (:meth:`~QueueRunner.send_warnings`). :meth:`~QueueRunner.recover` (at start) checks
-the spool file of every queued copy (a crash can only leave a whole file or none under its name;
-a bad one is quarantined and its copy set ``corrupt``) and deletes orphan spool files (no row,
-older than ``orphan_grace``: never acknowledged to a client); the loop sweeps orphans again every
+still pending (:meth:`~QueueRunner.send_warnings`). :meth:`~QueueRunner.recover` (at start)
+releases the claims its own worker id still holds (a stable id given by the composition root: the
+process that held them is gone, so none of their attempts is in flight), checks the spool file of
+every queued copy (a crash can only leave a whole file or none under its name; a bad one is
+quarantined and its copy set ``corrupt``) and deletes orphan spool files (no row, older than
+``orphan_grace``: never acknowledged to a client); the loop sweeps orphans again every
 ``orphan_grace``. :meth:`~QueueRunner.stop` lets deliveries in flight finish within a grace, then
 cancels them: an interrupted attempt records nothing and its claim expires (no half state; the
 upstream may have received a message whose DATA reply was lost, which is retried -- the classic
@@ -38,7 +45,8 @@ through ``sender_owned``.
 
 Security notes: message bytes and envelope addresses are never logged (the log names queue and
 copy ids, counts and the upstream's reply class); the DSN carries only the original's header
-section (``gateway.queue.dsn``). Worker ids are random per runner.
+section (``gateway.queue.dsn``). Worker ids are given by the caller (stable across restarts of one
+gateway) or random per runner.
 """
 
 from __future__ import annotations
@@ -61,6 +69,7 @@ from gateway.core.model import utcnow
 from gateway.core.ports import Relay, UpstreamReply
 from gateway.queue.model import (
     BOUNCED,
+    CORRUPT,
     DELIVERED,
     DONE,
     DROPPED,
@@ -111,6 +120,10 @@ class Dsn(Protocol):
 #: ``sender_owned(login, address)``: whether ``address`` is one of ``login``'s own addresses (the
 #: account store's ownership rule). Raises StoreUnavailable when it cannot tell.
 SenderOwned = Callable[[str | None, str], Awaitable[bool]]
+
+#: ``on_final(message, copy)``: ``copy`` (as recorded) reached a final state, ``done`` or
+#: ``corrupt``; for the audit trail. Must not raise (errors are logged).
+FinalHook = Callable[[QueuedMessage, QueuedCopy], Awaitable[None]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -172,6 +185,7 @@ class QueueRunner:
         clock: Callable[[], datetime] = utcnow,
         rng: random.Random | None = None,
         worker: str | None = None,
+        on_final: FinalHook | None = None,
     ) -> None:
         self._store = store
         self._spool = spool
@@ -182,6 +196,7 @@ class QueueRunner:
         self._clock = clock
         self._rng = rng or random.Random()  # jitter, not security
         self.worker = worker or f"{socket.gethostname()[:40]}:{secrets.token_hex(6)}"
+        self._on_final = on_final
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
@@ -273,7 +288,7 @@ class QueueRunner:
         try:
             data = await self._spool.read_async(copy.spool_name, size=copy.size, sha256=copy.sha256)
         except SpoolCorrupt as exc:
-            await self._corrupt(copy, str(exc))
+            await self._corrupt(message, copy, str(exc))
             return
         except SpoolError as exc:
             log.error("queue %d copy %d: %s; retried later", message.id, copy.id, exc)
@@ -423,6 +438,7 @@ class QueueRunner:
         )
         if recorded.state == DONE:
             await self._discard_file(copy.spool_name)
+            await self._final(message, recorded)
 
     async def _record(
         self,
@@ -569,7 +585,27 @@ class QueueRunner:
 
     # --- integrity and housekeeping ---------------------------------------------------------------
 
-    async def _corrupt(self, copy: QueuedCopy, reason: str) -> None:
+    async def _final(self, message: QueuedMessage, copy: QueuedCopy) -> None:
+        if self._on_final is None:
+            return
+        try:
+            await self._on_final(message, copy)
+        except Exception:
+            log.exception("queue %d copy %d: the final-state hook failed", message.id, copy.id)
+
+    async def _final_of(self, copy_id: int) -> None:
+        """Call the final-state hook for copy ``copy_id`` as recorded (found corrupt at start)."""
+        if self._on_final is None:
+            return
+        try:
+            found = await self._store.get_copy(copy_id)
+        except StoreUnavailable as exc:
+            log.error("queue copy %d: its final state is not audited (%s)", copy_id, exc)
+            return
+        if found is not None:
+            await self._final(found, found.copies[0])
+
+    async def _corrupt(self, message: QueuedMessage, copy: QueuedCopy, reason: str) -> None:
         log.error("queue copy %d: %s; set corrupt, never sent", copy.id, reason)
         try:
             marked = await self._store.mark_corrupt(copy.id, reason, worker=self.worker)
@@ -578,6 +614,7 @@ class QueueRunner:
             return
         if marked:
             await self._quarantine_file(copy.spool_name)
+            await self._final(message, replace(copy, state=CORRUPT, last_reply=reason))
 
     async def _quarantine_file(self, name: str) -> None:
         try:
@@ -595,9 +632,17 @@ class QueueRunner:
             log.warning("%s", exc)
 
     async def recover(self, *, verify: bool = False) -> Recovery:
-        """At start: check the spool file of every queued or held copy (header and length; with
-        ``verify`` also the SHA-256) -- a bad one is quarantined and its copy set corrupt -- and
-        delete orphan spool files older than ``orphan_grace``."""
+        """At start: release the claims this worker id still holds (its previous life's), check
+        the spool file of every queued or held copy (header and length; with ``verify`` also the
+        SHA-256) -- a bad one is quarantined and its copy set corrupt -- and delete orphan spool
+        files older than ``orphan_grace``."""
+        released = await self._store.release_claims(self.worker)
+        if released:
+            log.warning(
+                "queue: %d claim(s) of %s released (left by this gateway's previous run)",
+                released,
+                self.worker,
+            )
         names = await self._store.spool_names()
         corrupt: list[int] = []
         for name, copy_id in names.items():
@@ -611,6 +656,7 @@ class QueueRunner:
                     log.error("queue copy %d: %s; set corrupt, never sent", copy_id, exc)
                     await self._quarantine_file(name)
                     corrupt.append(copy_id)
+                    await self._final_of(copy_id)
         deleted = await self._sweep(set(names))
         return Recovery(corrupt=corrupt, orphans_deleted=deleted)
 

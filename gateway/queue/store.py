@@ -11,7 +11,10 @@ expired (its worker crashed) is claimable again. :meth:`~SqlQueueStore.record_at
 per-recipient results and releases the claim in one transaction -- refused with
 :class:`~gateway.queue.model.ClaimLost` if the worker no longer holds it -- and may enqueue the
 resulting DSN in the same transaction. Operator actions (:meth:`set_state`, :meth:`retry_now`)
-never touch a copy under a live claim.
+never touch a copy under a live claim; their ``event`` hook runs inside the change's database
+transaction (the caller writes the audit event there: never a change without its event), and a
+delete with a bounce enqueues its DSN in that same transaction (never a bounced recipient without
+its DSN).
 
 An :meth:`enqueue` that is not committed within ``timeout`` raises StoreUnavailable (the caller
 answers 4xx and the client sends the message again). The write is not cancelled midway; if it
@@ -33,7 +36,7 @@ import asyncio
 import builtins
 import logging
 from collections import defaultdict
-from collections.abc import Awaitable, Callable, Coroutine, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from datetime import datetime, timedelta
 from typing import Any, TypeVar, cast
 
@@ -55,7 +58,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from gateway.core import replies
 from gateway.core.errors import StoreUnavailable
 from gateway.core.model import utcnow
-from gateway.db.engine import DB_ERRORS, DetachedTimeouts, describe_db_error, safe_url
+from gateway.db.engine import DB_ERRORS, SqlStore, describe_db_error
 from gateway.queue.model import (
     BOUNCED,
     COPY_STATES,
@@ -72,6 +75,7 @@ from gateway.queue.model import (
     ClaimLost,
     NewBounce,
     NewCopy,
+    OperatorChange,
     QueuedCopy,
     QueuedMessage,
     QueuedRecipient,
@@ -80,6 +84,11 @@ from gateway.queue.models import QueueCopyRow, QueueMessageRow, QueueRecipientRo
 from gateway.queue.spool import check_name
 
 T = TypeVar("T")
+
+#: ``event(conn, change)``: called inside the database transaction of an operator change that
+#: changed something, with the open connection; writes the change's audit event there
+#: (``SqlAuditStore.record_decision_in``). Anything it raises rolls the change back.
+ChangeHook = Callable[[AsyncConnection, OperatorChange], Awaitable[object]]
 
 log = logging.getLogger("mailward.queue")
 
@@ -117,12 +126,15 @@ def _not_claimed(now: datetime) -> ColumnElement[bool]:
     return or_(COPY.c.claim_until.is_(None), COPY.c.claim_until < now)
 
 
-class SqlQueueStore:
+class SqlQueueStore(SqlStore):
     """The queue in the SQL database (see the module docstring).
 
     ``lifetime`` (seconds) is the default time a message is retried (``expires_at``); ``clock``
     gives "now" for schedules, claims and leases (tests inject one).
     """
+
+    what = "queue database"
+    unavailable_reply = replies.QUEUE_UNAVAILABLE
 
     def __init__(
         self,
@@ -132,53 +144,12 @@ class SqlQueueStore:
         lifetime: float = DEFAULT_LIFETIME,
         clock: Callable[[], datetime] = utcnow,
     ) -> None:
-        self._engine = engine
-        self._timeout = timeout
+        super().__init__(engine, timeout)
         self._lifetime = lifetime
         self._clock = clock
-        self._operations = DetachedTimeouts(timeout)
-        self._detached: set[asyncio.Task[Any]] = set()
         self._postgres = engine.dialect.name == "postgresql"
 
-    async def close(self) -> None:
-        """Wait for detached writes (enqueues whose callers gave up, compensations) to end."""
-        while self._detached:
-            await asyncio.gather(*self._detached, return_exceptions=True)
-        await self._operations.drain()
-
     # --- plumbing ---------------------------------------------------------------------------------
-
-    def _unavailable(self, error: BaseException) -> StoreUnavailable:
-        return StoreUnavailable(
-            f"queue database {safe_url(self._engine.url)} unavailable: {describe_db_error(error)}",
-            reply=replies.QUEUE_UNAVAILABLE,
-        )
-
-    async def _guarded(self, operation: Coroutine[Any, Any, T]) -> T:
-        try:
-            return await self._operations.run(operation)
-        except DB_ERRORS as error:
-            raise self._unavailable(error) from None
-
-    async def _run(self, fn: Callable[[AsyncConnection], Awaitable[T]], *, write: bool) -> T:
-        async def operation() -> T:
-            ctx = self._engine.begin() if write else self._engine.connect()
-            async with ctx as conn:
-                return await fn(conn)
-
-        return await self._guarded(operation())
-
-    def _detach(self, task: asyncio.Task[Any]) -> None:
-        if task.done():
-            self._retrieve(task)
-            return
-        self._detached.add(task)
-        task.add_done_callback(self._retrieve)
-
-    def _retrieve(self, task: asyncio.Task[Any]) -> None:
-        self._detached.discard(task)
-        if not task.cancelled():
-            task.exception()  # reported to the caller already (or logged by the compensation)
 
     # --- taking custody ---------------------------------------------------------------------------
 
@@ -306,6 +277,19 @@ class SqlQueueStore:
                 return []
             messages = await _load(conn, COPY.c.id.in_(ids))
             return sorted(messages, key=lambda m: min(c.next_attempt or now for c in m.copies))
+
+        return await self._run(fn, write=True)
+
+    async def release_claims(self, worker: str) -> int:
+        """Release every claim ``worker`` holds (see ``QueueStore.release_claims``); how many."""
+
+        async def fn(conn: AsyncConnection) -> int:
+            result = await conn.execute(
+                update(COPY)
+                .where(COPY.c.claimed_by == worker)
+                .values(claimed_by=None, claim_until=None)
+            )
+            return int(result.rowcount)
 
         return await self._run(fn, write=True)
 
@@ -468,6 +452,45 @@ class SqlQueueStore:
 
         return await self._run(fn, write=False)
 
+    async def get_copy(self, copy_id: int) -> QueuedMessage | None:
+        """The message holding copy ``copy_id``, with only that copy, or None."""
+
+        async def fn(conn: AsyncConnection) -> QueuedMessage | None:
+            found = await _load(conn, COPY.c.id == copy_id)
+            return found[0] if found else None
+
+        return await self._run(fn, write=False)
+
+    async def custody_of(self, records: Mapping[int, str | None]) -> dict[int, int]:
+        """Audit record id -> queue id of the message that record's transaction left in the
+        queue, for the given audit records (id -> transaction id): matched by the message's
+        ``audit_id``, else by its transaction id; DSNs never match. Records without one are
+        absent. Raises StoreUnavailable."""
+        if not records:
+            return {}
+        txn_ids = {txn: rid for rid, txn in records.items() if txn}
+        query = (
+            select(MESSAGE.c.id, MESSAGE.c.audit_id, MESSAGE.c.txn_id)
+            .where(
+                MESSAGE.c.is_bounce.is_(False),
+                or_(
+                    MESSAGE.c.audit_id.in_(list(records)),
+                    MESSAGE.c.txn_id.in_(list(txn_ids)),
+                ),
+            )
+            .order_by(MESSAGE.c.id)
+        )
+
+        async def fn(conn: AsyncConnection) -> dict[int, int]:
+            found: dict[int, int] = {}
+            for message_id, audit_id, txn_id in await conn.execute(query):
+                record = audit_id if audit_id in records else txn_ids.get(txn_id)
+                if record is not None:
+                    found.setdefault(int(record), int(message_id))
+            return found
+
+        return await self._run(fn, write=False)
+
     async def list(
         self, *, state: str | None = None, limit: int = 100, before_id: int | None = None
     ) -> builtins.list[QueuedMessage]:
@@ -503,22 +526,41 @@ class SqlQueueStore:
         origins: tuple[str, ...],
         pending_state: str = DROPPED,
         reply: str | None = None,
+        bounce: NewBounce | None = None,
+        event: ChangeHook | None = None,
     ) -> int:
-        """Move copies of a message (see ``QueueStore.set_state``); how many changed."""
+        """Move copies of a message (see ``QueueStore.set_state``); how many changed.
+
+        ``bounce`` (a delete with ``pending_state`` BOUNCED only) is the DSN for the recipients
+        the delete ends: enqueued in the same transaction when it ends any (its spool file is
+        already durable; when none ends, nothing is enqueued and the file is the caller's to
+        remove). ``event`` is called in that transaction when some copy changed, with what
+        changed (see :data:`ChangeHook`): it checks that the ended recipients are those its DSN
+        names and writes the audit event; what it raises rolls everything back and propagates
+        (database errors as StoreUnavailable)."""
         if state not in SETTABLE_STATES:
             raise ValueError(f"cannot set a queue copy {state!r}")
         if not set(origins) <= set(COPY_STATES):
             raise ValueError(f"unknown origin state in {origins!r}")
         if pending_state not in (DROPPED, BOUNCED):
             raise ValueError("pending recipients of a deleted copy end dropped or bounced")
+        if bounce is not None and (state != DELETED or pending_state != BOUNCED):
+            raise ValueError("only a delete that bounces its pending recipients has a DSN")
         now = self._clock()
         where = COPY.c.message_id == message_id
+        bounce_rows = _bounce_rows(bounce, now, self._lifetime) if bounce else None
 
         async def fn(conn: AsyncConnection) -> int:
             if state == DELETED:
-                return await _delete_copies(
+                ids, ended = await _delete_copies(
                     conn, where, pending_state=pending_state, reply=reply, now=now, origins=origins
                 )
+                bounce_id = None
+                if ended and bounce_rows is not None:
+                    bounce_id = await _insert_message(conn, *bounce_rows)
+                if ids and event is not None:
+                    await event(conn, OperatorChange(ids, ended, bounce_id))
+                return len(ids)
             values: dict[str, Any] = {"state": state, "claimed_by": None, "claim_until": None}
             if state == QUEUED:
                 values["next_attempt"] = now
@@ -530,20 +572,29 @@ class SqlQueueStore:
                 update(COPY)
                 .where(where, COPY.c.state.in_(origins), _not_claimed(now))
                 .values(values)
+                .returning(COPY.c.id)
             )
-            return int(result.rowcount)
+            ids = tuple(sorted(int(i) for i in result.scalars()))
+            if ids and event is not None:
+                await event(conn, OperatorChange(ids))
+            return len(ids)
 
         return await self._run(fn, write=True)
 
-    async def retry_now(self, message_id: int | None) -> int:
-        """Make queued copies (of one message, or all) due now; how many changed."""
+    async def retry_now(self, message_id: int | None, *, event: ChangeHook | None = None) -> int:
+        """Make queued copies (of one message, or all) due now; how many changed. ``event`` as
+        for :meth:`set_state`."""
         now = self._clock()
         stmt = update(COPY).where(COPY.c.state == QUEUED, _not_claimed(now))
         if message_id is not None:
             stmt = stmt.where(COPY.c.message_id == message_id)
 
         async def fn(conn: AsyncConnection) -> int:
-            return int((await conn.execute(stmt.values(next_attempt=now))).rowcount)
+            result = await conn.execute(stmt.values(next_attempt=now).returning(COPY.c.id))
+            ids = tuple(sorted(int(i) for i in result.scalars()))
+            if ids and event is not None:
+                await event(conn, OperatorChange(ids))
+            return len(ids)
 
         return await self._run(fn, write=True)
 
@@ -628,21 +679,31 @@ async def _delete_copies(
     reply: str | None,
     now: datetime,
     origins: Iterable[str],
-) -> int:
+) -> tuple[tuple[int, ...], tuple[str, ...]]:
+    """Set the matching copies DELETED and end their pending recipients as ``pending_state``:
+    (the copies' ids, the recipients ended, in copy and position order)."""
     result = await conn.execute(
         update(COPY)
         .where(where, COPY.c.state.in_(tuple(origins)), _not_claimed(now))
         .values(state=DELETED, claimed_by=None, claim_until=None, next_attempt=None)
         .returning(COPY.c.id)
     )
-    ids = list(result.scalars())
-    if ids:
-        await conn.execute(
-            update(RECIPIENT)
-            .where(RECIPIENT.c.copy_id.in_(ids), RECIPIENT.c.state == PENDING)
-            .values(state=pending_state, last_reply=_text(reply), updated_at=now)
-        )
-    return len(ids)
+    ids = tuple(sorted(int(i) for i in result.scalars()))
+    if not ids:
+        return ids, ()
+    pending = RECIPIENT.c.copy_id.in_(ids) & (RECIPIENT.c.state == PENDING)
+    rows = await conn.execute(
+        select(RECIPIENT.c.address)
+        .where(pending)
+        .order_by(RECIPIENT.c.copy_id, RECIPIENT.c.position)
+    )
+    ended = tuple(str(address) for address in rows.scalars())
+    await conn.execute(
+        update(RECIPIENT)
+        .where(pending)
+        .values(state=pending_state, last_reply=_text(reply), updated_at=now)
+    )
+    return ids, ended
 
 
 async def _load(conn: AsyncConnection, copies: ColumnElement[bool]) -> builtins.list[QueuedMessage]:

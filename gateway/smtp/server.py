@@ -9,6 +9,12 @@ status code) in :meth:`GatewaySMTP.push`; an unexpected exception becomes 451 4.
 id (aiosmtpd's default would put the exception text on the wire). :class:`SmtpHandler` holds the
 aiosmtpd hooks and AUTH mechanisms and calls the protocol-independent Gateway.
 
+Shutdown: once ``ServerContext.closing`` is set, a new connection gets ``421 4.3.2`` instead of the
+banner and is closed; a session with no transaction open and no hook running is closed with that
+421 (:meth:`GatewaySMTP.close_if_idle`, and after the reply that ends its transaction), so sessions
+in the middle of a transaction finish it first; :meth:`GatewaySMTP.shut_down` ends the rest when
+the grace is over.
+
 Reads: the listener/SMTP settings it is given, the client's bytes.
 
 Security notes: AUTH is offered and accepted only under TLS (538 5.7.11 otherwise); credentials are
@@ -101,6 +107,12 @@ _PROTOCOL_ENDS: dict[Reply, tuple[str, Stage]] = {
 }
 
 
+def _ends_exchange(line: str) -> bool:
+    """A final reply after which a session may be closed for shutdown (not a continuation, a
+    challenge, the 354, STARTTLS's 220 or the 221 of QUIT, which closes anyway)."""
+    return len(line) >= 4 and line[3] == " " and line[:3] not in ("220", "221", "334", "354")
+
+
 def translate(line: str) -> tuple[str, Reply | None]:
     """Map an aiosmtpd line to the catalog; returns the line to send and the Reply if mapped."""
     reply = _EXACT.get(line)
@@ -143,6 +155,8 @@ class ServerContext:
     untranslated: list[str] = field(default_factory=list)
     closing: bool = False
     drained: asyncio.Event = field(default_factory=asyncio.Event)
+    # set whenever a session is told 421 4.3.2 or closes (shutdown waits on it)
+    changed: asyncio.Event = field(default_factory=asyncio.Event)
 
     def opened(self, conn: GatewaySMTP) -> None:
         self.connections.add(conn)
@@ -150,6 +164,7 @@ class ServerContext:
 
     def closed(self, conn: GatewaySMTP) -> None:
         self.connections.discard(conn)
+        self.changed.set()
         if not self.connections:
             self.drained.set()
 
@@ -194,6 +209,8 @@ class GatewaySMTP(SMTP):
         self.mw_handler = handler
         self.mw: ConnState | None = None
         self._mw_bad_commands = 0
+        self._mw_busy = 0  # hooks running (the Gateway is working for this session)
+        self._mw_closing = False
         self.mw_ehlo_lines: frozenset[str] = frozenset()
 
     @property
@@ -274,11 +291,51 @@ class GatewaySMTP(SMTP):
         # The client is not idle while we work (policy checks, upstream): suspend its timer.
         if self._timeout_handle is not None:
             self._timeout_handle.cancel()
+        self._mw_busy += 1
         try:
             return await super()._call_handler_hook(command, *args)
         finally:
+            self._mw_busy -= 1
             if self.transport is not None:
                 self._reset_timeout()
+
+    # -- shutdown ------------------------------------------------------------------------------
+    @property
+    def idle(self) -> bool:
+        """No transaction open and the Gateway not working for this session."""
+        return self._mw_busy == 0 and (self.mw is None or self.mw.exchange is None)
+
+    @property
+    def shutting_down(self) -> bool:
+        """Told 421 4.3.2 (or closing anyway): only its transport's close is pending."""
+        return self._mw_closing or self.transport is None or self.transport.is_closing()
+
+    def close_if_idle(self) -> bool:
+        """Shutting down: close an idle session now with 421 4.3.2; True if it was closed."""
+        if not self.idle:
+            return False
+        self.shut_down()
+        return True
+
+    def shut_down(self) -> None:
+        """Send 421 4.3.2 and close (an open transaction is abandoned by the disconnect)."""
+        if self._mw_closing or self.transport is None or self.transport.is_closing():
+            return
+        self._mw_closing = True
+        self.ctx.changed.set()
+        if self.mw is not None:
+            self.mw.end_reason = "shutdown"
+        # the transport may be half-closed already; closing is what matters
+        with contextlib.suppress(Exception):
+            self._writer.write(replies.SHUTTING_DOWN.line().encode() + b"\r\n")
+        self.transport.close()
+
+    def force_close(self) -> None:
+        """Close now, without waiting for buffered output or a TLS close_notify."""
+        if self.mw is not None:
+            self.mw.end_reason = "shutdown"
+        if isinstance(self.transport, asyncio.Transport):
+            self.transport.abort()
 
     async def smtp_MAIL(self, arg: str | None) -> None:
         # Let the message-size check judge the declared SIZE (so the refusal is audited);
@@ -321,6 +378,8 @@ class GatewaySMTP(SMTP):
                     self.transport.close()
                 return
         await super().push(line)
+        if self.ctx.closing and _ends_exchange(line) and self.idle:
+            self.shut_down()  # its transaction (if any) is over: no new one during shutdown
 
     async def _on_protocol_reply(self, reply: Reply) -> None:
         state = self.mw

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncConnection
 
 from gateway.core import replies
 from gateway.core.errors import StoreUnavailable
@@ -37,6 +38,7 @@ from gateway.queue import (
     QueuedMessage,
     SqlQueueStore,
 )
+from gateway.queue.model import OperatorChange
 from gateway.queue.store import UNCONFIRMED_REPLY
 from tests.fixtures.db import unreachable_url
 
@@ -481,6 +483,115 @@ async def test_operator_actions_leave_a_copy_in_delivery_alone(
     assert await store.set_state(other, HELD, origins=(QUEUED,)) == 1
     with pytest.raises(ClaimLost):
         await store.record_attempt(m2.copies[0].id, "w2", result, next_attempt=clock.now)
+
+
+async def test_the_event_hook_runs_in_the_change_transaction(store: SqlQueueStore) -> None:
+    """An operator change and what its hook writes commit together: a hook that fails rolls the
+    change back (hold, release, retry, delete); a hook is called only when something changed."""
+    held = await enqueue(store, copy("h@example.net"), first_attempt=T0 + timedelta(hours=1))
+    await store.set_state(held, HELD, origins=(QUEUED,))
+    queued = await enqueue(store, copy("a@example.net", "b@example.net"), first_attempt=T0)
+    seen: list[OperatorChange] = []
+
+    async def failing(conn: AsyncConnection, change: OperatorChange) -> None:
+        seen.append(change)
+        await conn.execute(text("UPDATE queue_copy SET attempts = 99"))  # rolled back too
+        raise RuntimeError("audit insert failed")
+
+    for action in (
+        lambda: store.set_state(queued, HELD, origins=(QUEUED,), event=failing),
+        lambda: store.set_state(held, QUEUED, origins=(HELD,), event=failing),
+        lambda: store.retry_now(queued, event=failing),
+        lambda: store.retry_now(None, event=failing),
+        lambda: store.set_state(queued, DELETED, origins=(QUEUED, HELD), event=failing),
+    ):
+        with pytest.raises(RuntimeError, match="audit insert failed"):
+            await action()
+    assert len(seen) == 5
+    assert seen[-1].ended == ("a@example.net", "b@example.net") and seen[-1].bounce_id is None
+    after = {m.id: m for m in await store.list()}
+    assert [c.state for c in after[queued].copies] == [QUEUED]
+    assert states(after[queued]) == {"a@example.net": PENDING, "b@example.net": PENDING}
+    assert [c.state for c in after[held].copies] == [HELD]
+    assert all(c.attempts == 0 for m in after.values() for c in m.copies)
+
+    async def never(conn: AsyncConnection, change: OperatorChange) -> None:
+        raise AssertionError("called although nothing changed")
+
+    assert await store.set_state(held, HELD, origins=(QUEUED,), event=never) == 0
+
+    written: list[OperatorChange] = []
+
+    async def writes(conn: AsyncConnection, change: OperatorChange) -> None:
+        written.append(change)
+
+    assert await store.set_state(queued, HELD, origins=(QUEUED,), event=writes) == 1
+    [message] = [m for m in await store.list() if m.id == queued]
+    assert written == [OperatorChange((message.copies[0].id,))]
+
+
+async def test_a_delete_with_a_bounce_enqueues_its_dsn_in_the_same_transaction(
+    store: SqlQueueStore, clock: Clock
+) -> None:
+    message_id = await enqueue(
+        store, copy("a@example.net", "b@example.net", delivered=("b@example.net",))
+    )
+    dsn = NewBounce("alice@example.com", name(), 50, "cd" * 32, "s1.1.dsn", "alice@example.com")
+
+    async def failing(conn: AsyncConnection, change: OperatorChange) -> None:
+        assert change.bounce_id is not None  # inserted before the hook, in its transaction
+        raise RuntimeError("audit insert failed")
+
+    bounced = {"origins": (QUEUED, HELD), "pending_state": BOUNCED, "reply": "deleted"}
+    with pytest.raises(RuntimeError):
+        await store.set_state(message_id, DELETED, bounce=dsn, event=failing, **bounced)
+    assert [m.id for m in await store.list()] == [message_id]  # no DSN without its failure
+    got = await store.get(message_id)
+    assert got is not None and states(got)["a@example.net"] == PENDING
+
+    seen: list[OperatorChange] = []
+
+    async def writes(conn: AsyncConnection, change: OperatorChange) -> None:
+        seen.append(change)
+
+    assert await store.set_state(message_id, DELETED, bounce=dsn, event=writes, **bounced) == 1
+    [change] = seen
+    assert change.ended == ("a@example.net",) and change.bounce_id is not None
+    bounce = await store.get(change.bounce_id)
+    assert bounce is not None and bounce.is_bounce and bounce.mail_from == ""
+    assert bounce.txn_id == "s1.1.dsn" and bounce.created_at == clock.now
+    assert [(c.spool_name, c.state) for c in bounce.copies] == [(dsn.spool_name, QUEUED)]
+    assert [r.address for r in bounce.copies[0].recipients] == ["alice@example.com"]
+    got = await store.get(message_id)
+    assert got is not None
+    assert states(got) == {"a@example.net": BOUNCED, "b@example.net": DELIVERED}
+
+    # nothing pending: no DSN enqueued (its spool file is the caller's to remove)
+    done = await enqueue(store, copy("c@example.net"))
+    await store.set_state(done, HELD, origins=(QUEUED,))
+    nothing = await enqueue(store, copy("d@example.net", delivered=("d@example.net",)))
+    seen.clear()
+    assert await store.set_state(nothing, DELETED, bounce=dsn, event=writes, **bounced) == 0
+    assert seen == []
+    with pytest.raises(ValueError, match="DSN"):
+        await store.set_state(done, DELETED, origins=(HELD,), bounce=dsn)
+
+
+async def test_get_copy_and_custody_of(store: SqlQueueStore) -> None:
+    first = await enqueue(store, copy("a@example.net"), copy("b@example.net"), audit_id=11)
+    by_txn = await enqueue(store, copy("c@example.net"), txn_id="s2.1")
+    await enqueue(store, copy("alice@example.com"), txn_id="s3.1.dsn", mail_from="", is_bounce=True)
+    message = await store.get(first)
+    assert message is not None
+    second_copy = message.copies[1]
+    found = await store.get_copy(second_copy.id)
+    assert found is not None and found.id == first and found.copies == (second_copy,)
+    assert await store.get_copy(second_copy.id + 1000) is None
+
+    assert await store.custody_of({}) == {}
+    assert await store.custody_of(
+        {11: "s1.1", 12: "s2.1", 13: "s3.1.dsn", 14: None, 15: "s9.9"}
+    ) == {11: first, 12: by_txn}
 
 
 async def test_retry_now(store: SqlQueueStore, clock: Clock) -> None:

@@ -71,8 +71,15 @@ QUIET = {
 class Guarded:
     """A gateway with account-guard tuned by ``options`` and a fresh login of its own."""
 
-    def __init__(self, make_gateway: Any, store_url: str, **options: Any) -> None:
-        overrides = {
+    def __init__(
+        self,
+        make_gateway: Any,
+        store_url: str,
+        *,
+        gateway: dict[str, Any] | None = None,
+        **options: Any,
+    ) -> None:
+        overrides: dict[str, Any] = {
             "limits": {"store": store_url, "rules": {name: {"tiers": HUGE} for name in LIMITS}},
             "checks": {
                 "account-guard": {"state_cache": "0.2s", **options},
@@ -86,7 +93,7 @@ class Guarded:
                 },
             },
         }
-        self.gw: RunningGateway = make_gateway(overrides, users=False)
+        self.gw: RunningGateway = make_gateway({**overrides, **(gateway or {})}, users=False)
         self.login = f"u{uuid.uuid4().hex[:10]}@example.com"
         self.gw.add_user(self.login, addresses=[self.login])
         self.sent = 0
@@ -323,6 +330,40 @@ def test_the_login_is_judged_against_its_own_history(make_gateway: Any, store_ur
     assert t.send().startswith("250 2.0.0 Ok: queued")  # 7 > 6
     (flagged,) = t.events()
     assert "volume 7 vs 6 (baseline 6 per 1h (1 active windows) x1)" in flagged.detail
+
+
+@pytest.mark.parametrize(
+    ("signal", "options"),
+    [
+        ("volume", {"volume_weight": 1.0, "min_messages": 2.0, "volume_factor": 1.0}),
+        ("recipients", {"recipients_weight": 1.0, "min_recipients": 2.0, "recipients_factor": 1.0}),
+    ],
+)
+def test_mail_taken_into_the_queue_counts_as_sent(
+    make_gateway: Any, store_url: str, signal: str, options: dict[str, Any]
+) -> None:
+    """A message the upstream could not take now, accepted into the durable queue (the client got
+    250), is sent volume: it counts toward the login's messages and distinct recipients."""
+    t = Guarded(
+        make_gateway,
+        store_url,
+        gateway={"queue": {"on_upstream_tempfail": "queue", "runner_interval": "1h"}},
+        **{**QUIET, **options},
+    )
+    t.gw.upstream_handle.refuse()  # unreachable: every message is queued
+    for n in range(2):
+        reply = t.send((f"r{n}@example.net",))
+        assert "queued as" in reply and "delivery will be retried" in reply, reply
+    assert t.events() == []
+    queued = t.gw.records(login=t.login, kind="message")
+    assert [r.outcome for r in queued] == ["queued", "queued"]
+    assert {r.status for q in queued for r in q.recipients} == {"queued"}
+    # the third message, to a third address: 3 > 2 only if the two queued ones were counted
+    assert "queued as" in t.send(("r2@example.net",))
+    (flagged,) = t.events()
+    assert flagged.kind == "account-flagged"
+    assert f"{signal} 3 vs 2" in flagged.detail
+    assert t.gw.upstream.messages == []
 
 
 def test_max_stage_flag_never_holds(make_gateway: Any, store_url: str) -> None:

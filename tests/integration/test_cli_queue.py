@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from sqlalchemy import text
 
 import gateway.cli
 from gateway.audit.store import AuditRecord, SqlAuditStore
@@ -37,6 +38,7 @@ from gateway.queue.model import (
     HELD,
     PENDING,
     QUEUED,
+    AttemptResult,
     NewCopy,
     QueuedMessage,
 )
@@ -462,6 +464,122 @@ def test_the_audit_cli_lists_queue_events(cli: Cli, env: Env) -> None:
     assert code == 0, err
     [row] = [json.loads(line) for line in out.splitlines()]
     assert row["kind"] == "queue-hold" and row["queue_id"] == str(message_id)
+
+
+# --- a change and its audit event are one transaction ----------------------------------------
+
+
+def execute(env: Env, statement: str) -> None:
+    async def go() -> None:
+        engine = engine_for_url(env.db_url, timeout=5.0)
+        try:
+            async with engine.begin() as conn:
+                await conn.execute(text(statement))
+        finally:
+            await engine.dispose()
+
+    run_async(go())
+
+
+def snapshot(env: Env) -> list[tuple[int, str, str, str, str | None]]:
+    """Every copy and recipient of the queue: (message, copy state, next attempt, address,
+    recipient state)."""
+    return [
+        (m.id, c.state, str(c.next_attempt), r.address, r.state)
+        for m in listed(env)
+        for c in m.copies
+        for r in c.recipients
+    ]
+
+
+@pytest.mark.parametrize(
+    ("setup", "argv"),
+    [
+        (QUEUED, ("hold",)),
+        (HELD, ("release",)),
+        (QUEUED, ("retry",)),
+        (QUEUED, ("retry", "--all")),
+        (QUEUED, ("delete", "--silently")),
+        (QUEUED, ("delete", "--bounce")),
+    ],
+    ids=["hold", "release", "retry", "retry-all", "delete-silently", "delete-bounce"],
+)
+def test_no_change_without_its_audit_event(
+    cli: Cli, env: Env, setup: str, argv: tuple[str, ...]
+) -> None:
+    """The change and its audit event are one database transaction: when the event cannot be
+    written, the queue is unchanged (no state, schedule or recipient changed, no DSN queued, the
+    spool files kept), the command says so (exit 1), and it works once the audit log is back."""
+    add_account(env, "alice@example.com", "alice@example.com")
+    message_id = enqueue(env, first_attempt=LATER)
+    if setup == HELD:
+        run_async(
+            _with_store(env.db_url, lambda s: s.set_state(message_id, HELD, origins=(QUEUED,)))
+        )
+    command = (argv[0], str(message_id), *argv[1:]) if argv != ("retry", "--all") else argv
+    before = snapshot(env)
+    files = {p.name for p in env.spool.directory.iterdir() if p.is_file()}
+
+    execute(env, "ALTER TABLE audit_record RENAME TO audit_record_away")
+    try:
+        code, out, err = cli("queue", *command)
+    finally:
+        execute(env, "ALTER TABLE audit_record_away RENAME TO audit_record")
+    assert code == 1 and out == "", err
+    assert err.startswith("mailward: ") and "nothing changed" in err and "unavailable" in err
+    assert len(err.strip().splitlines()) == 1
+    assert snapshot(env) == before
+    # the spool files are kept (a bounce's own file, written before, is an orphan: swept later)
+    assert {p.name for p in env.spool.directory.iterdir() if p.is_file()} >= files
+    kind = f"queue-{argv[0]}"
+    assert audit_events(env, kind) == []
+
+    code, out, err = cli("queue", *command)
+    assert code == 0, err
+    assert snapshot(env) != before
+    assert len(audit_events(env, kind)) == 1
+
+
+def test_a_bounce_names_exactly_the_recipients_the_delete_ends(
+    cli: Cli, env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The DSN is written from what the command read; if a delivery recorded results in between
+    (here: bob delivered), the delete would end other recipients than the DSN names: it changes
+    nothing, queues no DSN, erases the unused bounce file and asks to be run again."""
+    add_account(env, "alice@example.com", "alice@example.com")
+    message_id = enqueue(env)
+    stale = get(env, message_id)
+
+    async def deliver_bob(store: SqlQueueStore) -> None:
+        (claimed,) = await store.claim("worker-1", limit=1, lease=600)
+        result = AttemptResult({"bob@example.net": (DELIVERED, "250 ok", None)}, "250 ok")
+        await store.record_attempt(claimed.copies[0].id, "worker-1", result, next_attempt=LATER)
+
+    run_async(_with_store(env.db_url, deliver_bob))
+    before = snapshot(env)
+    files = {p.name for p in env.spool.directory.iterdir() if p.is_file()}
+
+    async def stale_get(self: SqlQueueStore, wanted: int) -> QueuedMessage | None:
+        return stale if wanted == message_id else None
+
+    monkeypatch.setattr(SqlQueueStore, "get", stale_get)
+    code, out, err = cli("queue", "delete", str(message_id), "--bounce")
+    monkeypatch.undo()
+    assert code == 1 and out == ""
+    assert f"queue {message_id} changed while it was being deleted; nothing changed" in err
+    assert snapshot(env) == before and [m.id for m in listed(env)] == [message_id]
+    assert {p.name for p in env.spool.directory.iterdir() if p.is_file()} == files
+    assert audit_events(env, "queue-delete") == []
+
+    code, out, err = cli("queue", "delete", str(message_id), "--bounce")  # read afresh: fine
+    assert code == 0, err
+    assert recipient_states(get(env, message_id)) == {
+        "bob@example.net": DELIVERED,
+        "carol@example.org": BOUNCED,
+    }
+    [dsn] = [m for m in listed(env) if m.id != message_id]
+    body = env.spool.read(dsn.copies[0].spool_name)
+    assert b"carol@example.org" in body and b"Final-Recipient: rfc822; bob" not in body
 
 
 # --- database down -------------------------------------------------------------------------------

@@ -17,6 +17,7 @@ from sqlalchemy import Connection, String, inspect, text
 
 import gateway.audit.models
 import gateway.auth.models
+import gateway.keys.models
 import gateway.policystate.models
 import gateway.quarantine.models
 import gateway.queue.models  # noqa: F401  (registers the tables)
@@ -48,6 +49,20 @@ REVISIONS = [
         TABLES_0001
         | {"limit_override", "quarantine", "account_state"}
         | {"queue_message", "queue_copy", "queue_recipient"},
+    ),
+    (
+        "0007",
+        TABLES_0001
+        | {"limit_override", "quarantine", "account_state"}
+        | {"queue_message", "queue_copy", "queue_recipient"}
+        | {"encryption_key", "encryption_key_address"},
+    ),
+    (
+        "0008",
+        TABLES_0001
+        | {"limit_override", "quarantine", "account_state"}
+        | {"queue_message", "queue_copy", "queue_recipient"}
+        | {"encryption_key", "encryption_key_address"},
     ),
 ]
 TABLES = REVISIONS[-1][1]
@@ -302,3 +317,41 @@ def test_migrations_run_from_any_directory(tmp_path: Path) -> None:
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == HEAD
+
+
+async def test_0008_adds_and_drops_the_recipient_encryption_columns(
+    empty_db_url: str, db_backend: str
+) -> None:
+    """0008 adds the five nullable encryption columns to audit_recipient and drops them again,
+    in place: every audit record keeps its recipients and verdicts (no table copy, which on
+    SQLite with foreign keys on would cascade-delete them)."""
+    await upgrade(empty_db_url, "0007")
+    await _audit_row(empty_db_url, 1, "message")
+    await upgrade(empty_db_url, "0008")
+    assert await _audit_state(empty_db_url) == ([(1, "message")], 1, 1)
+    rows = await _execute(
+        empty_db_url, "SELECT encryption_policy, encryption_decision FROM audit_recipient"
+    )
+    assert [tuple(r) for r in rows] == [(None, None)]
+    await _audit_row(empty_db_url, 2, "message")
+    await _execute(
+        empty_db_url,
+        "UPDATE audit_recipient SET encryption_policy = 'required', encryption_decision = "
+        "'encrypted', encryption_format = 'openpgp', encryption_key = :fpr, encryption_reason "
+        "= 'usable key' WHERE record_id = 2",
+        fpr="A" * 40,
+    )
+    await downgrade(empty_db_url, "0007")
+    assert await _audit_state(empty_db_url) == ([(1, "message"), (2, "message")], 2, 2)
+    engine = engine_for_url(empty_db_url, pooled=False)
+    try:
+        async with engine.connect() as conn:
+            columns = await conn.run_sync(lambda c: inspect(c).get_columns("audit_recipient"))
+    finally:
+        await engine.dispose()
+    assert not [c["name"] for c in columns if c["name"].startswith("encryption_")]
+    if db_backend == "sqlite":
+        assert await _execute(empty_db_url, "PRAGMA foreign_key_check") == []
+        assert await _execute(empty_db_url, "PRAGMA integrity_check") == [("ok",)]
+    await upgrade(empty_db_url)
+    assert await _audit_state(empty_db_url) == ([(1, "message"), (2, "message")], 2, 2)

@@ -1,17 +1,27 @@
-"""The ``spam-score`` check end to end: actions, warn modes, fan-out, MIME bounds, holds, reload.
+"""The ``spam-score`` check end to end: actions, warn modes, fan-out, MIME bounds, holds, reload,
+and the scan worker processes (a killed worker: 451, then a replacement scans).
 
 Real SMTP sessions through the real gateway; site rule files are written at test time into a
 temporary rules directory (``[checks.spam-score] rules_dirs``) so each action is reached on purpose.
+The gateway fixture does not close the pipeline (its worker processes end when their gateway is
+garbage-collected); the worker test closes it itself and checks that no process is left.
 """
 
 from __future__ import annotations
 
+import os
+import signal
+import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from gateway.checks.spam_score import SpamScore
 from gateway.core.errors import ConfigError
+from gateway.core.model import Stage
+from gateway.rules.workers import ScanWorkers
 from tests.fixtures.gateway import ALICE, RunningGateway
 
 GTUBE = "XJS*C4JDBQADN1.NSBN3*2IDNEN*GTUBE-STANDARD-ANTI-UBE-TEST-EMAIL*C.34X"
@@ -179,3 +189,66 @@ def test_reload_applies_new_rules_and_keeps_the_old_on_error(
         gw.run(gw.app.reload())
     assert "80-broken.toml" in str(err.value)
     assert send(gw, body).startswith("550 5.7.1")  # the previous policy is still in force
+
+
+def scan_workers(gw: RunningGateway) -> ScanWorkers:
+    """The running pipeline's spam-score worker processes."""
+    assert gw.app.context is not None
+    for configured in gw.app.context.gateway.pipeline.describe()[Stage.DATA]:
+        if isinstance(configured.check, SpamScore):
+            assert configured.check.workers is not None
+            return configured.check.workers
+    raise AssertionError("no spam-score check at DATA")
+
+
+def our_child(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[1] == str(os.getpid())
+
+
+def wait_for(condition: Any, bound: float = 60.0) -> None:
+    """Poll ``condition()`` up to a generous liveness bound."""
+    deadline = time.monotonic() + bound
+    while not condition():
+        assert time.monotonic() < deadline, "condition not reached"
+        time.sleep(0.02)
+
+
+def test_worker_process_scans_and_a_killed_worker_defers_then_recovers(
+    make_gateway: Any, rules_dir: Path
+) -> None:
+    gw = spam_gateway(make_gateway, rules_dir, workers=1, timeout=30.0)
+    workers = scan_workers(gw)
+    pids: set[int] = set()
+    try:
+        assert send(gw, message(GTUBE)).startswith("550 5.7.1 Message refused as spam")
+        assert send(gw, message("Meeting moved to 3pm.")).startswith("250")
+        (pid,) = workers.pids
+        pids.add(pid)
+        os.kill(pid, signal.SIGSTOP)  # hold the next scan in flight
+        with ThreadPoolExecutor(1) as pool:
+            sending = pool.submit(send, gw, message(GTUBE))
+            wait_for(lambda: workers.inflight == 1)
+            os.kill(pid, signal.SIGKILL)
+            reply = sending.result(60)
+        assert reply.startswith("451 4.3.0 Temporary policy failure (spam-score)"), reply
+        rec = gw.records(kind="message")[-1]
+        assert rec.outcome == "deferred"
+        (verdict,) = rec.verdicts
+        assert (verdict.check_id, verdict.action) == ("spam-score", "defer")
+        assert len(gw.upstream.messages) == 1  # only the clean message was relayed
+        # a replacement worker scans the next message
+        assert send(gw, message(GTUBE)).startswith("550 5.7.1 Message refused as spam")
+        assert send(gw, message("please tag-me-please now")).startswith("250")
+        (new_pid,) = workers.pids
+        assert new_pid != pid
+        pids.add(new_pid)
+        assert b"X-Mailward-Spam: 6, TEST_TAG(6)" in gw.upstream.messages[-1].data
+    finally:
+        assert gw.app.context is not None
+        gw.run(gw.app.context.gateway.pipeline.close())
+    assert workers.pids == []
+    wait_for(lambda: not any(our_child(p) for p in pids))  # exited and reaped

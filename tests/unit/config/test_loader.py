@@ -57,7 +57,7 @@ def test_shipped_defaults_load_and_build_the_shipped_pipeline() -> None:
         "message-size",
         "rate-limit",
     ]
-    assert config.pipeline.rcpt == ["recipient-limit", "rate-limit"]
+    assert config.pipeline.rcpt == ["recipient-limit", "rate-limit", "encryption"]
     assert config.pipeline.data == [
         "message-size",
         "sender-identity",
@@ -72,7 +72,7 @@ def test_shipped_defaults_load_and_build_the_shipped_pipeline() -> None:
         "message-size",
         "rate-limit",
     ]
-    assert stage_ids(pipeline, Stage.RCPT) == ["recipient-limit", "rate-limit"]
+    assert stage_ids(pipeline, Stage.RCPT) == ["recipient-limit", "rate-limit", "encryption"]
     assert stage_ids(pipeline, Stage.DATA) == [
         "message-size",
         "sender-identity",
@@ -158,7 +158,7 @@ def test_site_arrays_replace_whole_arrays(tmp_path: Path) -> None:
         "spam-score",
         "rate-limit",
     ]
-    assert config.pipeline.rcpt == ["recipient-limit", "rate-limit"]
+    assert config.pipeline.rcpt == ["recipient-limit", "rate-limit", "encryption"]
     # one listener replaces both default listeners; unset keys take the schema default
     assert config.smtp.listeners == [ListenerConfig("internal", "127.0.0.1", 2525, "starttls")]
 
