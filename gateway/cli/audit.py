@@ -136,7 +136,7 @@ def _summary_rows(records: list[AuditRecord]) -> list[tuple[str, ...]]:
                 str(r.id),
                 r.started_at.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S"),
                 r.kind,
-                _short(r.outcome, 9),
+                _short(r.outcome, 11),
                 _short(r.login, 24),
                 _short("<>" if r.mail_from == "" else r.mail_from, 30),
                 _short(rcpts, 34),
