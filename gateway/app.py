@@ -53,6 +53,7 @@ from gateway.core.model import Session, utcnow
 from gateway.crypto.plan import EncryptionPlanner
 from gateway.db.engine import DB_ERRORS, create_engine, describe_db_error
 from gateway.db.migrate import upgrade
+from gateway.keys.directory import KeyDirectory
 from gateway.keys.gpghome import KeyRing
 from gateway.keys.store import SqlKeyStore
 from gateway.pipeline.registry import build_pipeline
@@ -87,7 +88,7 @@ class _PipelineDeps:
     limit_store: LimitStore
     policy_state: SqlPolicyState | None
     account_state: SqlAccountState | None = None
-    key_store: SqlKeyStore | None = None  # check encryption
+    key_store: KeyDirectory | None = None  # check encryption
 
 
 def open_limit_store(config: Config) -> LimitStore:
@@ -105,7 +106,7 @@ def make_pipeline(
     limit_store: LimitStore | None = None,
     policy_state: SqlPolicyState | None = None,
     account_state: SqlAccountState | None = None,
-    key_store: SqlKeyStore | None = None,
+    key_store: KeyDirectory | None = None,
 ) -> Pipeline:
     store = limit_store if limit_store is not None else MemoryLimitStore()
     deps = _PipelineDeps(config, store, policy_state, account_state, key_store)
@@ -158,6 +159,31 @@ async def open_stores(config: Config, *, migrate: bool | None = None) -> Stores:
     )
     keys = SqlKeyStore(engine, timeout=config.database.timeout)
     return Stores(engine, accounts, audit, policy, quarantine, account_state, queue, keys)
+
+
+def key_directory(config: Config, store: SqlKeyStore) -> KeyDirectory:
+    """The key store as the hot path reads it: cached lookups validated against the store's
+    change counter, ``last_used_at`` written at a bounded rate (``[keys]`` settings)."""
+    return KeyDirectory(
+        store,
+        refresh=config.keys.lookup_refresh,
+        max_entries=config.keys.lookup_cache_size,
+        last_used_resolution=config.keys.last_used_resolution,
+    )
+
+
+def encryption_planner(
+    config: Config, keys: KeyDirectory, *, gpg_workers: int | None = None
+) -> EncryptionPlanner:
+    """The delivery planner that encrypts per recipient (check ``encryption``); ``gpg_workers``
+    overrides ``keys.gpg_workers`` (a one-off command passes 0: no worker processes). Close it
+    after use (:meth:`EncryptionPlanner.close`)."""
+    return EncryptionPlanner(
+        KeyRing.from_config(config),
+        keys,
+        gpg=config.keys.gpg,
+        gpg_workers=config.keys.gpg_worker_count if gpg_workers is None else gpg_workers,
+    )
 
 
 def gateway_hostname(config: Config) -> str:
@@ -286,6 +312,8 @@ class GatewayApp:
         self.stores: Stores | None = None
         self.relay: UpstreamRelay | None = None
         self.limit_store: LimitStore | None = None
+        self.keys: KeyDirectory | None = None
+        self.planner: EncryptionPlanner | None = None
         self.control: ControlServer | None = None
         self.context: ServerContext | None = None
         self.spool: Spool | None = None
@@ -303,12 +331,14 @@ class GatewayApp:
         self.stores = await open_stores(config)
         await finish_interrupted(self.stores, config)  # before listening: none of ours is live
         self.limit_store = open_limit_store(config)
+        self.keys = key_directory(config, self.stores.keys)
+        self.planner = encryption_planner(config, self.keys)
         pipeline = make_pipeline(
             config,
             limit_store=self.limit_store,
             policy_state=self.stores.policy,
             account_state=self.stores.account_state,
-            key_store=self.stores.keys,
+            key_store=self.keys,
         )
         self.relay = UpstreamRelay(
             config.relay, helo_name=config.relay.helo_name or self.hostname, password=password
@@ -356,9 +386,7 @@ class GatewayApp:
             quarantine=self.stores.quarantine,
             custody=custody,
             # per-recipient encryption (check `encryption`): one copy per group, encrypted here
-            planner=EncryptionPlanner(
-                KeyRing.from_config(config), self.stores.keys, gpg=config.keys.gpg
-            ),
+            planner=self.planner,
         )
         self.context = ServerContext(gateway)
         admin = LimitAdmin(config.limits, self.limit_store, self.stores.policy)
@@ -502,6 +530,9 @@ class GatewayApp:
         if ctx is not None and not self._pipeline_closed:
             self._pipeline_closed = True
             await ctx.gateway.pipeline.close()  # e.g. spam-score's worker processes
+        if self.planner is not None:
+            await self.planner.close()  # the gpg worker processes
+            self.planner = None
         if stopping is not None:
             await stopping
         if self.relay is not None:
@@ -533,7 +564,7 @@ class GatewayApp:
                 limit_store=self.limit_store,
                 policy_state=self.stores.policy,
                 account_state=self.stores.account_state,
-                key_store=self.stores.keys,
+                key_store=self.keys,
             )
         except ConfigError as exc:
             log.error("policy reload failed, the previous policy stays in force: %s", exc)

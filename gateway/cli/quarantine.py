@@ -288,12 +288,10 @@ def handle_show(args: argparse.Namespace) -> int:
 
 def handle_release(args: argparse.Namespace) -> int:
     config = load(args)
-    from gateway.app import gateway_hostname
+    from gateway.app import encryption_planner, gateway_hostname, key_directory
     from gateway.auth.store import SqlAccountStore
     from gateway.checks.encryption import rcpt_stage, stored_message_planner
     from gateway.config import resolve_secret
-    from gateway.crypto.plan import EncryptionPlanner
-    from gateway.keys.gpghome import KeyRing
     from gateway.keys.store import SqlKeyStore
     from gateway.quarantine.release import ReleaseReport, release_and_record
     from gateway.queue import dsn
@@ -317,9 +315,10 @@ def handle_release(args: argparse.Namespace) -> int:
             relay = UpstreamRelay(
                 config.relay, helo_name=config.relay.helo_name or hostname, password=password
             )
+            directory = key_directory(config, keys)
             planner = stored_message_planner(
-                rcpt_stage(config, keys),
-                EncryptionPlanner(KeyRing.from_config(config), keys, gpg=config.keys.gpg),
+                rcpt_stage(config, directory),
+                encryption_planner(config, directory, gpg_workers=0),  # no worker processes
             )
             custody = Custody(
                 Spool(config.queue.spool_path(config.state_dir)),

@@ -14,6 +14,7 @@ so that it does not sit in the config file, and it is never echoed in errors or 
 from __future__ import annotations
 
 import ipaddress
+import os
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -524,6 +525,40 @@ class KeysConfig:
         16,
         "Most user IDs an OpenPGP key (or email addresses a certificate) may have to be imported.",
     )
+    gpg_workers: int | Literal["auto"] = doc_field(
+        "auto",
+        "Worker processes that run gpg (through python-gnupg) for OpenPGP copies, so its "
+        "per-run threads and pipes stay off the gateway process; each encrypts one copy at a "
+        "time. `auto`: one per CPU, at least 2. 0: run gpg from threads of the gateway process.",
+    )
+    lookup_refresh: float = doc_field(
+        1.0,
+        "Seconds a running gateway may answer per-recipient key lookups from its in-process cache "
+        "before it checks the key store's change counter again: a key imported, revoked, removed "
+        "or re-verified (on any instance) takes effect within this time; expiry is always exact. "
+        "0: check on every lookup.",
+    )
+    lookup_cache_size: int = doc_field(
+        100_000,
+        "Most recipient addresses whose key lookup (including 'no key') is cached per process; "
+        "the oldest goes first. 0: no cache, every lookup reads the database.",
+    )
+    last_used_resolution: float = doc_field(
+        60.0,
+        "A key's `last used` time is written at most once per this many seconds per process "
+        "(it is exact to this resolution). 0: on every message.",
+    )
+
+    @property
+    def gpg_worker_count(self) -> int:
+        """``gpg_workers`` resolved: ``auto`` is one per CPU this process may use, at least 2."""
+        if self.gpg_workers != "auto":
+            return self.gpg_workers
+        try:
+            cpus = len(os.sched_getaffinity(0))
+        except (AttributeError, OSError):  # pragma: no cover - not Linux
+            cpus = os.cpu_count() or 1
+        return max(2, cpus)
 
     def gnupg_path(self, state_dir: str) -> str:
         return self.gnupg_home.replace("{state_dir}", state_dir)
@@ -547,6 +582,11 @@ class KeysConfig:
             raise ConfigError("", "max_key_size", "must be at least 1K")
         if self.max_user_ids < 1:
             raise ConfigError("", "max_user_ids", "must be at least 1")
+        if self.gpg_workers != "auto" and not 0 <= self.gpg_workers <= 64:
+            raise ConfigError("", "gpg_workers", 'must be "auto" or 0 to 64')
+        for name in ("lookup_refresh", "lookup_cache_size", "last_used_resolution"):
+            if getattr(self, name) < 0:
+                raise ConfigError("", name, "must not be negative")
 
 
 @dataclass(frozen=True)

@@ -114,9 +114,10 @@ class Group:
         return tuple(key.certificate for key in self.keys if key.certificate is not None)
 
 
-def named_addresses(message: bytes) -> list[str]:
-    """The addresses in the message's To and Cc fields (an unparsable entry names nobody)."""
-    headers = Headers(message)
+def named_addresses(message: bytes | Headers) -> list[str]:
+    """The addresses in the message's To and Cc fields (an unparsable entry names nobody);
+    ``message`` may be its already parsed header section."""
+    headers = message if isinstance(message, Headers) else Headers(message)
     values = [value for name in NAMING_FIELDS for value in headers.values(name)]
     return [address for _, address in getaddresses(values) if "@" in address]
 

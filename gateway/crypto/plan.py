@@ -21,8 +21,12 @@ to use (None: clear text). At end of data the planner turns those choices into c
   (:func:`~gateway.crypto.groups.group_recipients`: every encrypted Bcc recipient -- an envelope
   recipient not named in To/Cc -- gets a copy of its own, To/Cc recipients of one format share
   one, clear-text recipients share one); each group is encrypted in a worker thread
-  (:func:`~gateway.crypto.encrypt_group`, one gpg process per OpenPGP copy); finally the keys
-  used are marked (:meth:`gateway.keys.store.SqlKeyStore.mark_used`). The copies are returned
+  (:func:`~gateway.crypto.encrypt_group`, one gpg process per OpenPGP copy, driven from a gpg
+  worker process (:class:`~gateway.crypto.gpgpool.GpgPool`, ``keys.gpg_workers``) or with
+  ``gpg_workers = 0`` from a worker thread; an S/MIME copy of at most
+  :data:`INLINE_SMIME_BYTES` on the loop itself, cheaper than any hand-off); finally the keys
+  used are marked (:meth:`gateway.keys.directory.KeyDirectory.mark_used`: a write at most once
+  per ``keys.last_used_resolution`` per key). The copies are returned
   to the service, which sends each in its own upstream transaction and queues only these bytes
   (encryption happens before anything is queued: no clear text of an encrypted recipient's copy
   is ever written to the spool).
@@ -64,7 +68,8 @@ from gateway.core.model import (
 )
 from gateway.crypto import encrypt_group
 from gateway.crypto.errors import EncryptionFailed
-from gateway.crypto.groups import Decision, Format, group_recipients, named_addresses
+from gateway.crypto.gpgpool import GpgPool
+from gateway.crypto.groups import Decision, Format, Group, group_recipients, named_addresses
 from gateway.crypto.pgpmime import GpgEngine
 from gateway.crypto.protect import DEFAULT_PROTECTION, HeaderProtection, is_encrypted
 from gateway.keys.gpg import GpgError, GpgUnavailable
@@ -73,6 +78,11 @@ from gateway.keys.models import OPENPGP, SMIME
 from gateway.keys.store import KeyRecord
 
 log = logging.getLogger("mailward.crypto")
+_DECISIONS_KEPT = 4096
+#: S/MIME copies of messages up to this size are encrypted on the event loop (~80 µs for 2 KB
+#: here, ~0.3 ms at the limit): cheaper than a worker-thread hand-off. Larger ones, and every
+#: OpenPGP copy (a gpg process), go to a worker thread.
+INLINE_SMIME_BYTES = 32 * 1024
 
 #: the key of the check's state in ``Transaction.check_state`` (the check id)
 STATE_KEY = "encryption"
@@ -121,9 +131,10 @@ class EncryptionState:
 
 
 class KeyUse(Protocol):
-    """What the planner needs of the key store: record that a key was used."""
+    """What the planner needs of the key store: record that a key was used
+    (:meth:`gateway.keys.directory.KeyDirectory.mark_used`)."""
 
-    async def mark_used(self, fingerprint: str, now: datetime) -> None: ...
+    async def mark_used(self, record: KeyRecord, now: datetime) -> None: ...
 
 
 def smime_capable(record: KeyRecord) -> bool:
@@ -154,14 +165,19 @@ class EncryptionPlanner:
         keys: KeyUse,
         *,
         gpg: str = "gpg",
+        gpg_workers: int = 0,
         clock: Callable[[], datetime] = utcnow,
     ) -> None:
         self.keyring = keyring
         self.keys = keys
         self.gpg = gpg
         self.clock = clock
+        # OpenPGP copies in worker processes (gateway.crypto.gpgpool), or 0: worker threads here
+        self._pool = GpgPool(gpg_workers) if gpg_workers > 0 else None
         self._engine: GpgEngine | None = None
         self._engine_lock = asyncio.Lock()
+        # parsed certificates per (fingerprint, material digest): parsing is per key, not per copy
+        self._decisions: dict[tuple[str, str], Decision] = {}
 
     async def __call__(self, txn: Transaction, wire: bytes) -> Sequence[DeliveryCopy]:
         state = txn.check_state.get(STATE_KEY)
@@ -208,7 +224,7 @@ class EncryptionPlanner:
                 raise EncryptionFailed(
                     f"key {key.fingerprint} is {key.state(now)} now (chosen at RCPT time)"
                 )
-            decisions[address] = self._decision(key)
+            decisions[address] = self._decision_for(key)
             used[key.fingerprint] = key
         openpgp = [key for key in used.values() if key.kind == OPENPGP]
         engine: GpgEngine | None = None
@@ -221,21 +237,14 @@ class EncryptionPlanner:
                 ) from exc
             engine = await self._gpg_engine()
         envelope = list(dict.fromkeys(r.address for r in txn.accepted))
-        groups = group_recipients(
-            envelope, named_addresses(wire), decisions, hide_key_ids=state.hide_key_ids
-        )
+        # the header section the service parsed at end of data (the same To/Cc as ``wire``)
+        named = named_addresses(txn.headers if txn.headers is not None else wire)
+        groups = group_recipients(envelope, named, decisions, hide_key_ids=state.hide_key_ids)
         home: GpgEngine | Path = engine if engine is not None else self.keyring.path
         datas = await asyncio.gather(
-            *(
-                asyncio.to_thread(
-                    encrypt_group, wire, group, gnupg_home=home, protection=state.protection
-                )
-                if group.format is not Format.CLEAR
-                else _same(wire)
-                for group in groups
-            )
+            *(self._encrypted(wire, group, home, state.protection) for group in groups)
         )
-        await self._mark_used(list(used), now)
+        await self._mark_used(list(used.values()), now)
         log.info(
             "txn=%s: %d cop%s (%d encrypted) for %d recipient(s)",
             txn.id,
@@ -247,6 +256,39 @@ class EncryptionPlanner:
         return [
             DeliveryCopy(group.recipients, data) for group, data in zip(groups, datas, strict=True)
         ]
+
+    async def close(self) -> None:
+        """Stop the gpg worker processes, if any (after the sessions have drained)."""
+        if self._pool is not None:
+            await self._pool.close()
+
+    async def _encrypted(
+        self, wire: bytes, group: Group, home: GpgEngine | Path, protection: HeaderProtection
+    ) -> bytes:
+        """One group's bytes: OpenPGP in a gpg worker process (or a worker thread when there
+        are none), a small S/MIME copy on the loop (cheaper than any hand-off), a large one in a
+        worker thread."""
+        if group.format is Format.CLEAR:
+            return wire
+        if group.format is Format.SMIME and len(wire) <= INLINE_SMIME_BYTES:
+            return encrypt_group(wire, group, gnupg_home=home, protection=protection)
+        if group.format is Format.OPENPGP and self._pool is not None:
+            assert isinstance(home, GpgEngine)
+            return await self._pool.encrypt(wire, group, home, protection)
+        return await asyncio.to_thread(
+            encrypt_group, wire, group, gnupg_home=home, protection=protection
+        )
+
+    def _decision_for(self, key: KeyRecord) -> Decision:
+        """:meth:`_decision`, remembered per key material (a parsed certificate is reused)."""
+        cache_key = (key.fingerprint, key.material_sha256)
+        decision = self._decisions.get(cache_key)
+        if decision is None:
+            decision = self._decision(key)
+            if len(self._decisions) >= _DECISIONS_KEPT:
+                del self._decisions[next(iter(self._decisions))]
+            self._decisions[cache_key] = decision
+        return decision
 
     @staticmethod
     def _decision(key: KeyRecord) -> Decision:
@@ -268,18 +310,14 @@ class EncryptionPlanner:
                 )
             return self._engine
 
-    async def _mark_used(self, fingerprints: list[str], now: datetime) -> None:
+    async def _mark_used(self, records: list[KeyRecord], now: datetime) -> None:
         try:
-            await asyncio.gather(*(self.keys.mark_used(fpr, now) for fpr in fingerprints))
+            await asyncio.gather(*(self.keys.mark_used(record, now) for record in records))
         except StoreUnavailable as exc:
             log.error("key store unavailable when marking keys used: %s", exc)
             raise StoreUnavailable(
                 f"key store unavailable: {exc}", reply=replies.KEY_STORE_UNAVAILABLE
             ) from None
-
-
-async def _same(data: bytes) -> bytes:
-    return data
 
 
 __all__ = [

@@ -154,12 +154,14 @@ class KeyRing:
         if not wanted:
             return
         async with self._lock:
-            await asyncio.to_thread(self.prepare)
+            # one stat per message; the directory is prepared only when something is imported
+            # (a deleted directory has no keyring file: everything is imported again)
             if self._keyring_signature() != self._signature:
                 self._imported.clear()  # changed by someone else (or never seen): re-import
             todo = [r for r in wanted if self._imported.get(r.fingerprint) != r.material_sha256]
             if not todo:
                 return
+            await asyncio.to_thread(self.prepare)
             await self._import(todo)
             for record in todo:
                 self._imported[record.fingerprint] = record.material_sha256

@@ -1,4 +1,5 @@
-"""The key store's tables: ``encryption_key`` and ``encryption_key_address``.
+"""The key store's tables: ``encryption_key``, ``encryption_key_address`` and
+``encryption_key_generation``.
 
 What it does: declares the query-side description of the tables created by Alembic revision
 ``0007``. One ``encryption_key`` row per public key or certificate the gateway may encrypt to:
@@ -21,6 +22,10 @@ What it does: declares the query-side description of the tables created by Alemb
 (:func:`gateway.keys.address.canonical_address`), indexed by address for the per-recipient lookup;
 rows go with their key (``ON DELETE CASCADE``).
 
+``encryption_key_generation`` (revision ``0009``) is one row (``id = 1``) whose ``generation`` every
+change to the two tables above increments in its own transaction (recording use does not): the
+change counter that lets a gateway cache lookups (:class:`gateway.keys.directory.KeyDirectory`).
+
 Reads: nothing.
 
 Security notes: only public material is ever stored (validation refuses secret keys before
@@ -33,9 +38,11 @@ from datetime import datetime
 
 from sqlalchemy import (
     JSON,
+    BigInteger,
     Boolean,
     CheckConstraint,
     ForeignKey,
+    Integer,
     LargeBinary,
     String,
 )
@@ -102,3 +109,12 @@ class EncryptionKeyAddressRow(Base):
         BigIntId, ForeignKey("encryption_key.id", ondelete="CASCADE"), primary_key=True
     )
     address: Mapped[str] = mapped_column(String(ADDRESS_LENGTH), primary_key=True, index=True)
+
+
+class EncryptionKeyGenerationRow(Base):
+    __tablename__ = "encryption_key_generation"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    generation: Mapped[int] = mapped_column(BigInteger)
+
+    __table_args__ = (CheckConstraint("id = 1", name="single_row"),)

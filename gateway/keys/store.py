@@ -21,12 +21,18 @@ remove (:meth:`~SqlKeyStore.remove`), revoke (:meth:`~SqlKeyStore.revoke`) and v
   ``last_used_at`` stays. Importing the *revoked* version of a stored key records the revocation
   (``revoked``, ``revoked_at``); a key revoked in the store cannot be imported again, and a revoked
   key the store does not hold is refused.
+* **Change counter.** Every change (import, update, revocation, removal, verification) also
+  increments ``encryption_key_generation.generation`` in its transaction; :meth:`generation`
+  reads it. Recording use does not count as a change. :meth:`keys_for` returns every
+  non-revoked key of an address regardless of dates: what a cache may hold until the counter
+  moves, the use-time date checks being made on each use
+  (:class:`gateway.keys.directory.KeyDirectory`).
 * **Audit.** Every change is an audit event written in the same database transaction
   (:data:`AUDIT_KINDS`: ``key-import``, ``key-revoke``, ``key-remove``, ``key-verify``; listener =
   the operator's interface, ``detail`` = fingerprint, kind, addresses, by whom).
 
-Reads/writes: ``encryption_key``, ``encryption_key_address`` (revision ``0007``); changes write an
-``audit_record`` row.
+Reads/writes: ``encryption_key``, ``encryption_key_address`` (revision ``0007``),
+``encryption_key_generation`` (revision ``0009``); changes write an ``audit_record`` row.
 
 Security notes: only public material passes through here (validation refused secret keys before).
 Database and driver exceptions become :class:`~gateway.core.errors.StoreUnavailable` (one line,
@@ -44,7 +50,18 @@ from dataclasses import asdict, dataclass
 from datetime import datetime
 from typing import Any, Literal, TypeVar, cast
 
-from sqlalchemy import RowMapping, Table, and_, case, delete, insert, or_, select, update
+from sqlalchemy import (
+    RowMapping,
+    Table,
+    and_,
+    bindparam,
+    case,
+    delete,
+    insert,
+    or_,
+    select,
+    update,
+)
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from gateway.audit.store import SqlAuditStore
@@ -60,6 +77,7 @@ from gateway.keys.models import (
     VERIFICATIONS,
     VERIFIED,
     EncryptionKeyAddressRow,
+    EncryptionKeyGenerationRow,
     EncryptionKeyRow,
 )
 from gateway.keys.validate import KeyRejected, ValidatedKey, usable_until
@@ -68,6 +86,7 @@ T = TypeVar("T")
 
 KEYS = cast(Table, EncryptionKeyRow.__table__)
 ADDRESSES = cast(Table, EncryptionKeyAddressRow.__table__)
+GENERATION = cast(Table, EncryptionKeyGenerationRow.__table__)
 _METADATA_COLUMNS = tuple(c for c in KEYS.columns if c.name != "material")
 #: Audit kinds of the changes this store writes.
 AUDIT_KINDS = ("key-import", "key-revoke", "key-remove", "key-verify")
@@ -243,6 +262,16 @@ _PREFERENCE = (
     KEYS.c.created_at.desc(),
     KEYS.c.id.desc(),
 )
+_BUMP = (
+    update(GENERATION).where(GENERATION.c.id == 1).values(generation=GENERATION.c.generation + 1)
+)
+_GENERATION = select(GENERATION.c.generation).where(GENERATION.c.id == 1)
+_KEYS_FOR = (
+    select(*KEYS.columns)
+    .join(ADDRESSES, ADDRESSES.c.key_id == KEYS.c.id)
+    .where(ADDRESSES.c.address == bindparam("address"), KEYS.c.revoked.is_(False))
+    .order_by(*_PREFERENCE)
+)
 
 
 class SqlKeyStore(SqlStore):
@@ -312,6 +341,29 @@ class SqlKeyStore(SqlStore):
 
         async def fn(conn: AsyncConnection) -> builtins.list[KeyRecord]:
             return await self._records(conn, stmt)
+
+        return await self._run(fn, write=False)
+
+    async def keys_for(self, address: str) -> builtins.list[KeyRecord]:
+        """Every key recorded for ``address`` (canonicalised here) that is not revoked, with its
+        material, preferred first -- *whatever its dates*: the caller checks
+        :meth:`KeyRecord.is_usable` at each use. Raises InvalidAddress, StoreUnavailable."""
+        canonical = canonical_address(address)
+
+        async def fn(conn: AsyncConnection) -> builtins.list[KeyRecord]:
+            rows = list((await conn.execute(_KEYS_FOR, {"address": canonical})).mappings())
+            if not rows:
+                return []
+            addresses = await self._addresses(conn, [int(r["id"]) for r in rows])
+            return [_record(r, addresses[int(r["id"])]) for r in rows]
+
+        return await self._run(fn, write=False)
+
+    async def generation(self) -> int:
+        """The change counter (see the module docstring). Raises StoreUnavailable."""
+
+        async def fn(conn: AsyncConnection) -> int:
+            return int((await conn.execute(_GENERATION)).scalar_one())
 
         return await self._run(fn, write=False)
 
@@ -469,6 +521,7 @@ class SqlKeyStore(SqlStore):
                     insert(ADDRESSES), [{"key_id": existing.id, "address": a} for a in wanted]
                 )
                 action = "updated"
+            await conn.execute(_BUMP)
             record = await self._fetch(conn, key.fingerprint, material=False)
             assert record is not None
             kind = "key-revoke" if action == "revoked" else "key-import"
@@ -490,6 +543,7 @@ class SqlKeyStore(SqlStore):
                 raise KeyNotFound(f"no key {fingerprint}")
             await conn.execute(delete(ADDRESSES).where(ADDRESSES.c.key_id == record.id))
             await conn.execute(delete(KEYS).where(KEYS.c.id == record.id))
+            await conn.execute(_BUMP)
             await self._audit(
                 conn, "key-remove", record, "removed", _text(removed_by, 255), interface
             )
@@ -515,6 +569,7 @@ class SqlKeyStore(SqlStore):
                 .where(KEYS.c.id == record.id)
                 .values(revoked=True, revoked_at=now, updated_at=now)
             )
+            await conn.execute(_BUMP)
             record = await self._fetch(conn, fingerprint, material=False)
             assert record is not None
             await self._audit(
@@ -539,6 +594,7 @@ class SqlKeyStore(SqlStore):
             )
             if not result.rowcount:
                 raise KeyNotFound(f"no key {fingerprint}")
+            await conn.execute(_BUMP)
             record = await self._fetch(conn, fingerprint, material=False)
             assert record is not None
             await self._audit(

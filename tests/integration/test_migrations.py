@@ -14,6 +14,7 @@ import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from sqlalchemy import Connection, String, inspect, text
+from sqlalchemy.exc import IntegrityError
 
 import gateway.audit.models
 import gateway.auth.models
@@ -63,6 +64,13 @@ REVISIONS = [
         | {"limit_override", "quarantine", "account_state"}
         | {"queue_message", "queue_copy", "queue_recipient"}
         | {"encryption_key", "encryption_key_address"},
+    ),
+    (
+        "0009",
+        TABLES_0001
+        | {"limit_override", "quarantine", "account_state"}
+        | {"queue_message", "queue_copy", "queue_recipient"}
+        | {"encryption_key", "encryption_key_address", "encryption_key_generation"},
     ),
 ]
 TABLES = REVISIONS[-1][1]
@@ -355,3 +363,17 @@ async def test_0008_adds_and_drops_the_recipient_encryption_columns(
         assert await _execute(empty_db_url, "PRAGMA integrity_check") == [("ok",)]
     await upgrade(empty_db_url)
     assert await _audit_state(empty_db_url) == ([(1, "message"), (2, "message")], 2, 2)
+
+
+async def test_0009_creates_the_key_generation_row_and_drops_it(empty_db_url: str) -> None:
+    """0009 creates the key store's change counter with its one row at 0; only one row may exist;
+    downgrading drops it."""
+    await upgrade(empty_db_url, "0009")
+    rows = await _execute(empty_db_url, "SELECT id, generation FROM encryption_key_generation")
+    assert [tuple(r) for r in rows] == [(1, 0)]
+    with pytest.raises(IntegrityError):
+        await _execute(
+            empty_db_url, "INSERT INTO encryption_key_generation (id, generation) VALUES (2, 0)"
+        )
+    await downgrade(empty_db_url, "0008")
+    assert "encryption_key_generation" not in await _tables(empty_db_url)
