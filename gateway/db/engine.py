@@ -304,6 +304,59 @@ class SqlStore:
 
         return await self._guarded(operation())
 
+    async def _custody_write(
+        self,
+        write: Callable[[AsyncConnection], Awaitable[int]],
+        discard: Callable[[int], Awaitable[None]],
+        *,
+        what: str,
+        reply: Reply | None = None,
+    ) -> int:
+        """Commit ``write`` (it returns the new row's id) for a caller that will answer a client
+        ``250`` only if this returns: the write must be durable when it does, and must not stay
+        when it does not.
+
+        * Committed within ``timeout``: the id.
+        * Not committed within ``timeout``: StoreUnavailable (``"<what> not committed within
+          ..."``, ``reply``); the client retries. The write keeps running detached; if it commits
+          late anyway, ``discard(id)`` undoes it (the client was told to retry, so keeping it would
+          duplicate the message). A commit that lands just as the wait ends is kept and returned.
+        * A database error: StoreUnavailable.
+        * The caller cancelled (client gone): re-raised; a committed write is discarded, a
+          pending one is discarded when it commits.
+
+        ``discard`` must log what it could not undo (it runs detached; nobody awaits its
+        result)."""
+        abandoned = False
+
+        async def operation() -> int:
+            async with self._engine.begin() as conn:
+                row_id = await write(conn)
+            if abandoned:  # the caller gave up before the commit: the client retries
+                await discard(row_id)
+            return row_id
+
+        task = asyncio.ensure_future(operation())
+        try:
+            return await asyncio.wait_for(asyncio.shield(task), self._timeout)
+        except TimeoutError:
+            if task.done() and not task.cancelled() and task.exception() is None:
+                return task.result()  # committed just as the wait ended: durable, keep it
+            abandoned = True
+            self._detach(task)
+            raise StoreUnavailable(
+                f"{what} not committed within {self._timeout:g}s", reply=reply
+            ) from None
+        except DB_ERRORS as error:
+            raise self._unavailable(error) from None
+        except BaseException:  # cancelled: nobody will tell the client 250 for this write
+            if task.done() and not task.cancelled() and task.exception() is None:
+                self._detach(asyncio.ensure_future(discard(task.result())))
+            else:
+                abandoned = True
+                self._detach(task)  # a failed task's exception is retrieved there
+            raise
+
     def _detach(self, task: asyncio.Task[Any]) -> None:
         if task.done():
             self._retrieve(task)

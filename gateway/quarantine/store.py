@@ -32,7 +32,6 @@ no parameters, the URL's password masked).
 
 from __future__ import annotations
 
-import asyncio
 import builtins
 import logging
 from dataclasses import asdict, dataclass
@@ -43,7 +42,7 @@ from sqlalchemy import RowMapping, Table, insert, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from gateway.audit.store import SqlAuditStore
-from gateway.core.errors import GatewayError, StoreUnavailable
+from gateway.core.errors import GatewayError
 from gateway.core.message import Headers, sha256_hex
 from gateway.core.model import Session, Transaction, utcnow
 from gateway.db.engine import DB_ERRORS, SqlStore, describe_db_error
@@ -256,36 +255,12 @@ class SqlQuarantine(SqlStore):
         (the caller must then answer 4xx), ValueError when ``txn`` has no accepted recipient.
         """
         row = _hold_row(txn, message, check_id, reason)
-        abandoned = False
 
-        async def operation() -> int:
-            async with self._engine.begin() as conn:
-                result = await conn.execute(insert(QUARANTINE).returning(QUARANTINE.c.id), row)
-                entry_id = int(result.scalar_one())
-            if abandoned:  # the caller gave up before the commit: the client retries
-                await self._discard_unconfirmed(entry_id)
-            return entry_id
+        async def write(conn: AsyncConnection) -> int:
+            result = await conn.execute(insert(QUARANTINE).returning(QUARANTINE.c.id), row)
+            return int(result.scalar_one())
 
-        task = asyncio.ensure_future(operation())
-        try:
-            return await asyncio.wait_for(asyncio.shield(task), self._timeout)
-        except TimeoutError:
-            if task.done() and not task.cancelled() and task.exception() is None:
-                return task.result()  # committed just as the wait ended: durable, keep it
-            abandoned = True
-            self._detach(task)
-            raise StoreUnavailable(
-                f"quarantine write not committed within {self._timeout:g}s"
-            ) from None
-        except DB_ERRORS as error:
-            raise self._unavailable(error) from None
-        except BaseException:  # cancelled: nobody will tell the client 250 for this message
-            if task.done() and not task.cancelled() and task.exception() is None:
-                self._detach(asyncio.ensure_future(self._discard_unconfirmed(task.result())))
-            else:
-                abandoned = True
-                self._detach(task)  # a failed task's exception is retrieved there
-            raise
+        return await self._custody_write(write, self._discard_unconfirmed, what="quarantine write")
 
     async def _discard_unconfirmed(self, entry_id: int) -> None:
         try:

@@ -32,7 +32,6 @@ one-line description (no SQL, no parameters, the URL's password masked).
 
 from __future__ import annotations
 
-import asyncio
 import builtins
 import logging
 from collections import defaultdict
@@ -56,7 +55,6 @@ from sqlalchemy import (
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from gateway.core import replies
-from gateway.core.errors import StoreUnavailable
 from gateway.core.model import utcnow
 from gateway.db.engine import DB_ERRORS, SqlStore, describe_db_error
 from gateway.queue.model import (
@@ -190,36 +188,13 @@ class SqlQueueStore(SqlStore):
         planned = [_copy_rows(copy, first_attempt or now, now) for copy in copies]
         if not planned:
             raise ValueError("nothing to queue: no copy")
-        abandoned = False
 
-        async def operation() -> int:
-            async with self._engine.begin() as conn:
-                message_id = await _insert_message(conn, message, planned)
-            if abandoned:  # the caller gave up before the commit: the client retries
-                await self._discard_unconfirmed(message_id)
-            return message_id
+        async def write(conn: AsyncConnection) -> int:
+            return await _insert_message(conn, message, planned)
 
-        task = asyncio.ensure_future(operation())
-        try:
-            return await asyncio.wait_for(asyncio.shield(task), self._timeout)
-        except TimeoutError:
-            if task.done() and not task.cancelled() and task.exception() is None:
-                return task.result()  # committed just as the wait ended: durable, keep it
-            abandoned = True
-            self._detach(task)
-            raise StoreUnavailable(
-                f"queue write not committed within {self._timeout:g}s",
-                reply=replies.QUEUE_UNAVAILABLE,
-            ) from None
-        except DB_ERRORS as error:
-            raise self._unavailable(error) from None
-        except BaseException:  # cancelled: nobody will tell the client 250 for this message
-            if task.done() and not task.cancelled() and task.exception() is None:
-                self._detach(asyncio.ensure_future(self._discard_unconfirmed(task.result())))
-            else:
-                abandoned = True
-                self._detach(task)
-            raise
+        return await self._custody_write(
+            write, self._discard_unconfirmed, what="queue write", reply=replies.QUEUE_UNAVAILABLE
+        )
 
     async def _discard_unconfirmed(self, message_id: int) -> None:
         now = self._clock()
