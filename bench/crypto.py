@@ -14,10 +14,10 @@ For each cell -- OpenPGP 1 recipient; OpenPGP 5 recipients all in To (one cipher
 keys); OpenPGP 5 Bcc recipients (a copy each); S/MIME 1 recipient; S/MIME 5 in To -- and message
 size (2 KB, 100 KB), it sends the same ``smtp-source -F FILE -r N`` load through both gateways,
 interleaved, N times, and reports messages/s, the ratio encrypted/clear, the CPU per message of
-each gateway's *process tree* (the gateway plus its gpg children, see :func:`tree_cpu`) and
-messages/s per core (messages per CPU-second of that tree). With ``--policy off`` (default) both
-gateways run only the ``encryption`` check, so the ratio isolates encryption; ``--policy on``
-keeps the shipped pipeline (rate limits raised as in ``run.py``).
+each gateway's *process tree* (the gateway plus its gpg children, see :func:`common.tree_cpu`)
+and messages/s per core (messages per CPU-second of that tree). With ``--policy off`` (default)
+both gateways run only the ``encryption`` check, so the ratio isolates encryption; ``--policy
+on`` keeps the shipped pipeline (rate limits raised as in ``run.py``).
 
 Before timing, a verification phase sends two rounds of one message per cell and size through
 each gateway to a second ``smtp-sink`` that dumps what it receives (``-d``), and checks every
@@ -76,10 +76,11 @@ from typing import Any
 BENCH = Path(__file__).resolve().parent
 sys.path[:0] = [str(BENCH), str(BENCH.parent)]
 
+import common  # noqa: E402  (bench/common.py: processes, CPU accounting, configuration)
 import run as relay  # noqa: E402  (bench/run.py: the relay benchmark's helpers)
 
 REPO = relay.REPO
-HOST = relay.HOST
+HOST = common.HOST
 PLACEHOLDER = "..."  # the shipped [checks.encryption] subject_placeholder
 SUBJECT = "Mailward encryption benchmark"
 MARKER = "MAILWARD-BENCH-CLEARTEXT-MARKER"  # a line of every body; never in an encrypted copy
@@ -134,82 +135,26 @@ DEFAULT_KINDS = "pgp-1,pgp-5,pgp-5bcc,smime-1,smime-5"
 # --------------------------------------------------------------------------- CPU accounting
 
 
-def _stat(pid: int) -> list[str] | None:
-    """The fields of /proc/<pid>/stat after the command name (field 3 onwards), or None."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except (OSError, IndexError):
-        return None
-
-
-def descendants(root: int) -> list[int]:
-    """Every live process below ``root`` (children, grandchildren, ...), from /proc."""
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        fields = _stat(int(entry.name))
-        if fields is not None:
-            children.setdefault(int(fields[1]), []).append(int(entry.name))  # ppid
-    out: list[int] = []
-    todo = list(children.get(root, []))
-    while todo:
-        pid = todo.pop()
-        out.append(pid)
-        todo.extend(children.get(pid, []))
-    return out
-
-
-def tree_cpu(root: int) -> tuple[float, float]:
-    """CPU seconds of a process tree as (the root itself, everything below it).
-
-    The root: its utime + stime (all threads). Below it: the root's cutime + cstime (children it
-    has waited for: every finished gpg run) plus utime + stime + cutime + cstime of every live
-    descendant (a gpg still running, spam-score workers). Each CPU second is counted once: a
-    finished child's time moves into its parent's c-times when it is reaped. The live
-    descendants are read first and the root last, so a child reaped in between can be counted
-    twice (a few ms at most), never lost."""
-    ticks = os.sysconf("SC_CLK_TCK")
-    below = 0
-    for pid in descendants(root):
-        fields = _stat(pid)
-        if fields is not None:
-            below += sum(int(v) for v in fields[11:15])  # utime stime cutime cstime
-    fields = _stat(root)
-    if fields is None:
-        return float("nan"), float("nan")
-    own = int(fields[11]) + int(fields[12])
-    below += int(fields[13]) + int(fields[14])
-    return own / ticks, below / ticks
-
-
 def system_cpu(pid: int) -> float:
     """Kernel-mode CPU seconds of one process (all its threads): its stime."""
-    fields = _stat(pid)
+    fields = common.proc_stat(pid)
     return int(fields[12]) / os.sysconf("SC_CLK_TCK") if fields is not None else float("nan")
 
 
 def ours_cpu(*roots: int) -> float:
     """CPU of this harness, its reaped children (smtp-source, gpg for keys), the sinks and the
     gateways' trees: everything that belongs to the benchmark."""
-    total = relay.own_cpu_seconds()
+    total = common.own_cpu_seconds()
     for root in roots:
         if root:
-            own, below = tree_cpu(root)
+            own, below = common.tree_cpu(root)
             total += own + below
     return total
 
 
 def wait_quiet(timeout: float, *roots: int) -> float:
-    """Like ``run.wait_quiet``, with the gateways counted as process trees."""
-    deadline = time.monotonic() + timeout
-    while True:
-        ours0, busy0, t0 = ours_cpu(*roots), relay.system_busy_seconds(), time.monotonic()
-        time.sleep(1.0)
-        other = (relay.system_busy_seconds() - busy0) - (ours_cpu(*roots) - ours0)
-        percent = 100 * max(0.0, other) / (time.monotonic() - t0)
-        if percent <= relay.MAX_OTHER_PERCENT or time.monotonic() >= deadline:
-            return round(percent, 1)
+    """``run.wait_quiet``, with the gateways counted as process trees."""
+    return relay.wait_quiet(timeout, *roots, ours=ours_cpu)
 
 
 # --------------------------------------------------------------------------- keys and messages
@@ -344,7 +289,7 @@ class CryptoGateway:
         self.dir = workdir / f"gw-{arm}"
         self.state = self.dir / "state"
         self.state.mkdir(parents=True)
-        self.port = relay.free_port()
+        self.port = common.free_port()
         self.config = self.dir / "mailward.toml"
         self.launcher = self.dir / "launch_mailward.py"
         self.launcher.write_text(relay.LAUNCHERS[entry])
@@ -369,19 +314,16 @@ gpg = "{gpg}"
     def write_config(self, sink_port: int, gpg: str = "gpg") -> None:
         self.config.write_text(self.config_text(sink_port, gpg))
 
-    def env(self) -> dict[str, str]:
-        env = dict(os.environ)
-        env.pop("MAILWARD_CONFIG", None)
-        env["PYTHONPATH"] = os.pathsep.join(
-            filter(None, [str(relay.GATEWAY_SRC), env.get("PYTHONPATH")])
-        )
-        return env
-
     def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
         """``mailward --config FILE ARGS`` (the launcher, i.e. the console script), checked."""
         cmd = [sys.executable, str(self.launcher), "--config", str(self.config), *args]
         result = subprocess.run(
-            cmd, capture_output=True, text=True, env=self.env(), cwd=self.dir, timeout=300
+            cmd,
+            capture_output=True,
+            text=True,
+            env=common.gateway_env(relay.GATEWAY_SRC),
+            cwd=self.dir,
+            timeout=300,
         )
         if result.returncode:
             raise RuntimeError(f"{' '.join(args)} failed: {result.stdout}{result.stderr}")
@@ -393,24 +335,20 @@ gpg = "{gpg}"
 
     def start(self) -> None:
         cmd = [sys.executable, str(self.launcher), "--config", str(self.config), "serve"]
-        with self.log.open("ab") as log:
-            log.write(f"--- start {dt.datetime.now(dt.UTC).isoformat()}\n".encode())
-            log.flush()
-            self.proc = subprocess.Popen(
-                cmd, stdout=log, stderr=subprocess.STDOUT, env=self.env(), cwd=self.dir
-            )
-        try:
-            relay.wait_for_smtp(self.port, self.proc, 60)
-        except RuntimeError as exc:
-            self.stop()
-            raise RuntimeError(
-                f"{self.arm} gateway did not start: {exc}\n--- log:\n{relay.tail(self.log)}"
-            ) from None
+        self.proc = common.start_gateway(
+            cmd,
+            port=self.port,
+            log=self.log,
+            cwd=self.dir,
+            src=relay.GATEWAY_SRC,
+            label=f"{self.arm} gateway",
+            header=f"--- start {dt.datetime.now(dt.UTC).isoformat()}\n",
+        )
 
     def stop(self) -> str:
         if self.proc is None:
             return "not started"
-        how = relay.stop_process(self.proc)
+        how = common.stop_process(self.proc)
         self.stops.append(how)
         self.proc = None
         return how
@@ -419,8 +357,7 @@ gpg = "{gpg}"
         """Delivered message records, and the encryption decisions of their recipients."""
         db = self.state / "mailward.db"
         try:
-            con = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
-            try:
+            with common.read_only(db) as con:
                 records = dict(
                     con.execute(
                         "SELECT kind || '/' || coalesce(outcome, ''), count(*) FROM audit_record "
@@ -433,8 +370,6 @@ gpg = "{gpg}"
                     "FROM audit_recipient r JOIN audit_record a ON a.id = r.record_id "
                     "WHERE a.kind = 'message' GROUP BY 1, 2, 3"
                 ).fetchall()
-            finally:
-                con.close()
         except sqlite3.Error as exc:
             return {"error": f"cannot read the audit: {exc}"}
         return {
@@ -494,46 +429,23 @@ def send(
     """One timed smtp-source run through ``gw``; ``others`` are the other benchmark processes
     (sink, the other gateway) for the other-load figure."""
     copies = kind.copies if gw.arm == "encrypted" else 1
-    cmd = source_cmd(gw.port, kind, file, sessions, count, reuse)
-    before = sink.messages()
-    roots = (gw.pid, *others)
-    ours0, busy0 = ours_cpu(*roots), relay.system_busy_seconds()
-    own0, below0 = tree_cpu(gw.pid)
-    sys0 = system_cpu(gw.pid)
-    t0 = time.perf_counter()
-    try:
-        proc = subprocess.run(cmd, capture_output=True, timeout=timeout)
-        rc, err = proc.returncode, proc.stderr.decode("utf-8", "replace").strip()
-    except subprocess.TimeoutExpired:
-        rc, err = -1, f"smtp-source timed out after {timeout:.0f} s"
-    seconds = time.perf_counter() - t0
-    own1, below1 = tree_cpu(gw.pid)
-    sys1 = system_cpu(gw.pid)
-    ours1, busy1 = ours_cpu(*roots), relay.system_busy_seconds()
-    other = max(0.0, (busy1 - busy0) - (ours1 - ours0))
-    expected = count * copies
-    received = sink.messages() - before
-    for _ in range(10):  # the counter file may lag a little
-        if received >= expected:
-            break
-        time.sleep(0.2)
-        received = sink.messages() - before
-    ok = rc == 0 and received == expected
-    if not ok and not err:
-        err = f"smtp-source exit {rc}, sink received {received} of {expected}"
+    timed, (own0, below0, sys0), (own1, below1, sys1) = relay.timed_source(
+        source_cmd(gw.port, kind, file, sessions, count, reuse),
+        sink,
+        count,
+        ours=lambda: ours_cpu(gw.pid, *others),
+        probe=lambda: (*common.tree_cpu(gw.pid), system_cpu(gw.pid)),
+        expected=count * copies,
+        timeout=timeout,
+        settle=10,
+    )
     return ArmRun(
         arm=gw.arm,
-        count=count,
-        seconds=round(seconds, 4),
-        msgs_per_sec=round(count / seconds, 1),
-        sink_expected=expected,
-        sink_received=received,
-        ok=ok,
-        error=err[-800:],
+        sink_expected=count * copies,
+        **asdict(timed),
         cpu_gateway=round(own1 - own0, 3),
         cpu_children=round(below1 - below0, 3),
         cpu_gateway_system=round(sys1 - sys0, 3),
-        other_cpu_percent=round(100 * other / seconds, 1),
     )
 
 
@@ -554,18 +466,8 @@ class Cell:
         return f"{self.kind.name} {self.size_label}"
 
     @staticmethod
-    def kept(runs: list[ArmRun]) -> list[ArmRun]:
-        good = [r for r in runs if r.ok]
-        quiet = [r for r in good if r.other_cpu_percent <= relay.MAX_OTHER_PERCENT]
-        return quiet or good
-
-    @staticmethod
-    def quiet(runs: list[ArmRun]) -> int:
-        return sum(1 for r in runs if r.ok and r.other_cpu_percent <= relay.MAX_OTHER_PERCENT)
-
-    @classmethod
-    def arm_summary(cls, runs: list[ArmRun]) -> dict[str, Any]:
-        kept = cls.kept(runs)
+    def arm_summary(runs: list[ArmRun]) -> dict[str, Any]:
+        kept = relay.kept(runs)
         if not kept:
             return {}
 
@@ -582,7 +484,7 @@ class Cell:
             "cores_busy": med([r.cpu_tree / r.seconds for r in kept]),
             "msgs_per_sec_per_core": med([r.count / r.cpu_tree for r in kept if r.cpu_tree], 1),
             "runs_msgs_per_sec": [r.msgs_per_sec for r in runs],
-            "quiet_runs": f"{cls.quiet(runs)}/{len(runs)}",
+            "quiet_runs": f"{relay.quiet(runs)}/{len(runs)}",
         }
 
     def summary(self) -> dict[str, Any]:
@@ -846,7 +748,7 @@ def profile_cells(
         finally:
             spy.stop()
         if not raw.exists():
-            cell.profile = {"error": f"py-spy wrote nothing: {relay.tail(spy.log, 500)}"}
+            cell.profile = {"error": f"py-spy wrote nothing: {common.tail(spy.log, 500)}"}
             continue
         summary = relay.summarize_pyspy(raw, args.top, run.seconds, relay.PYSPY_RATE)
         kept = relay.RESULTS_DIR / f"{stamp}-crypto-profile-{cell.kind.name}-{cell.size_label}.txt"
@@ -888,12 +790,7 @@ def print_table(cells: list[Cell]) -> None:
         f"{'CPU ms/msg clear':>16}  {'enc (gpg)':>13}  {'enc cores':>9}  {'enc/s/core':>10}  "
         f"{'other%':>6}  {'quiet c,e':>9}"
     )
-    print(head)
-    print("-" * len(head))
-    for cell in cells:
-        if cell.error:
-            print(f"{cell.name:<15} ERROR: {cell.error.splitlines()[0]}")
-            continue
+    for cell in relay.table_cells(head, cells, 15):
         s = cell.summary()
         c, e = s["clear"], s["encrypted"]
         if not c or not e:
@@ -916,41 +813,37 @@ def print_table(cells: list[Cell]) -> None:
 
 def print_profile(cell: Cell, top: int) -> None:
     p = cell.profile
-    print(f"\nProfile of the encrypted gateway, {cell.name}:")
-    if "error" in p:
-        print(f"  ERROR: {p['error']}")
+    run = relay.profile_head(f"\nProfile of the encrypted gateway, {cell.name}:", p)
+    if run is None:
         return
-    run = p.get("profiled_run") or {}
     print(f"  profiled run: {run.get('msgs_per_sec')} msg/s, other {run.get('other_cpu_percent')}%")
     for name, t in p.get("threads", {}).items():
         print(f"  thread {name}: {t['samples']} samples, working {t.get('working', 0)}")
     print("  self by package: " + ", ".join(f"{b} {v}%" for b, v in p["self_by_package"].items()))
-    for key in ("top_self", "top_cumulative", "top_gateway_cumulative"):
-        print(f"  {key}:")
-        for e in p.get(key, [])[:top]:
-            print(f"    {e['percent']:5.1f}%  {e['function']}")
+    relay.print_top(p, top)
+
+
+#: The goals, judged on the 2 KB cells: cell -> (results key, the figure judged, the figure shown
+#: with it, the goal).
+GOALS = {
+    "pgp-1": (
+        "openpgp_2KB_1rcpt_per_core", "msgs_per_sec_per_core", "msgs_per_sec", GOAL_PGP_PER_CORE
+    ),
+    "smime-1": (
+        "smime_2KB_1rcpt_msgs_per_sec", "msgs_per_sec", "msgs_per_sec_per_core",
+        GOAL_SMIME_MSGS_PER_SEC,
+    ),
+}  # fmt: skip
 
 
 def goals(cells: list[Cell]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for cell in cells:
         e = cell.summary()["encrypted"] if not cell.error else {}
-        if cell.size_label != "2KB" or not e:
+        if cell.size_label != "2KB" or not e or cell.kind.name not in GOALS:
             continue
-        if cell.kind.name == "pgp-1":
-            out["openpgp_2KB_1rcpt_per_core"] = {
-                "msgs_per_sec_per_core": e["msgs_per_sec_per_core"],
-                "msgs_per_sec": e["msgs_per_sec"],
-                "goal": GOAL_PGP_PER_CORE,
-                "met": e["msgs_per_sec_per_core"] >= GOAL_PGP_PER_CORE,
-            }
-        if cell.kind.name == "smime-1":
-            out["smime_2KB_1rcpt_msgs_per_sec"] = {
-                "msgs_per_sec": e["msgs_per_sec"],
-                "msgs_per_sec_per_core": e["msgs_per_sec_per_core"],
-                "goal": GOAL_SMIME_MSGS_PER_SEC,
-                "met": e["msgs_per_sec"] >= GOAL_SMIME_MSGS_PER_SEC,
-            }
+        key, figure, other, goal = GOALS[cell.kind.name]
+        out[key] = {figure: e[figure], other: e[other], "goal": goal, "met": e[figure] >= goal}
     return out
 
 
@@ -994,12 +887,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--top", type=int, default=25, help="functions listed per profile")
     p.add_argument("--entry", choices=["cli", "app"], default="cli")
     p.add_argument("--gateway-src", type=Path, help="measure the gateway in this source tree")
-    p.add_argument(
-        "--wait-quiet",
-        type=float,
-        help="before each timed pair, wait up to this many seconds for other processes to be "
-        f"quiet (<= {relay.MAX_OTHER_PERCENT:.0f}%% of a core); default 60, quick 0",
-    )
+    relay.add_wait_quiet(p)
     p.add_argument(
         "--output", type=Path, help="JSON results (default bench/results/<ts>-crypto.json)"
     )
@@ -1012,9 +900,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     for k in args.kinds:
         if k not in KINDS:
             p.error(f"unknown cell {k!r}")
-    args.repeat = args.repeat or (1 if args.quick else 3)
-    if args.wait_quiet is None:
-        args.wait_quiet = 0.0 if args.quick else 60.0
+    relay.quick_defaults(args)
     return args
 
 
@@ -1023,10 +909,8 @@ def main(argv: list[str] | None = None) -> int:
     os.environ["MAILWARD_BENCH_POLICY"] = "on"  # run.gateway_toml adds no pipeline; ours does
     if args.gateway_src:
         relay.GATEWAY_SRC = args.gateway_src.resolve()
-    for tool in (relay.SMTP_SOURCE, relay.SMTP_SINK):
-        if not os.access(tool, os.X_OK):
-            print(f"bench: {tool} not found: apt-get install postfix (see bench/README.md)")
-            return 2
+    if not relay.tools_found():
+        return 2
     if not shutil.which("gpg"):
         print("bench: gpg not found")
         return 2
@@ -1077,7 +961,7 @@ def main(argv: list[str] | None = None) -> int:
                 if gw.proc is not None:
                     gw.stop()
         audit = {arm: gw.audit() for arm, gw in gateways.items()}
-        logs = {arm: relay.tail(gw.log, 3000) for arm, gw in gateways.items()}
+        logs = {arm: common.tail(gw.log, 3000) for arm, gw in gateways.items()}
         stops = {arm: gw.stops for arm, gw in gateways.items()}
         sample_config = gateways["encrypted"].config_text(0).replace(str(workdir), "<tmp>")
     expected = expected_audit(cells, bool(verified))
@@ -1091,10 +975,7 @@ def main(argv: list[str] | None = None) -> int:
         if cell.profile:
             print_profile(cell, min(args.top, 15))
     result = {
-        "started": started.isoformat(timespec="seconds"),
-        "argv": sys.argv,
-        "machine": relay.machine_info(),
-        "code": code,
+        **relay.result_head(started, code),
         "options": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "source_example": source_cmd(0, KINDS["pgp-1"], Path("<message file>"), 20, 1000, False),
         "gateway_config_encrypted": sample_config,

@@ -37,21 +37,39 @@ import linecache
 import os
 import platform
 import re
-import resource
 import shutil
 import signal
-import socket
 import sqlite3
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-import tomllib
 from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, TypeVar
+
+from common import (
+    HOST,
+    PIPELINE_OFF,
+    cpu_seconds,
+    free_port,
+    gateway_config,
+    own_cpu_seconds,
+    pyspy_path,
+    read_only,
+    start_gateway,
+    stop_process,
+    system_busy_seconds,
+    tail,
+    wait_for_smtp,
+)
+
+P = TypeVar("P")
+R = TypeVar("R", bound="Run")
+C = TypeVar("C", bound="Named")
 
 REPO = Path(__file__).resolve().parent.parent
 # The gateway sources measured: this checkout, or another tree given with --gateway-src (e.g. a
@@ -61,7 +79,6 @@ RUN_STAMP = "run"  # the run's UTC timestamp, set by main(); names the kept prof
 RESULTS_DIR = REPO / "bench" / "results"
 SMTP_SOURCE = "/usr/sbin/smtp-source"
 SMTP_SINK = "/usr/sbin/smtp-sink"
-HOST = "127.0.0.1"
 HELO_NAME = "bench.local"
 SENDER = "bench@bench.local"
 RECIPIENT = "sink@example.test"
@@ -106,97 +123,16 @@ if __name__ == "__main__":
 # --------------------------------------------------------------------------- small helpers
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind((HOST, 0))
-        return int(s.getsockname()[1])
-
-
-def wait_for_smtp(port: int, proc: subprocess.Popen[bytes], timeout: float) -> None:
-    """Wait until ``port`` answers with a 220 banner (then QUIT); fail if ``proc`` exits."""
-    deadline = time.monotonic() + timeout
-    last: Exception | None = None
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"process exited with code {proc.returncode} before listening")
-        try:
-            with socket.create_connection((HOST, port), timeout=2) as s:
-                banner = s.makefile("rb").readline()
-                if banner.startswith(b"220"):
-                    s.sendall(b"QUIT\r\n")
-                    with contextlib.suppress(OSError):
-                        s.recv(512)
-                    return
-                last = RuntimeError(f"unexpected banner {banner!r}")
-        except OSError as exc:
-            last = exc
-        time.sleep(0.1)
-    raise RuntimeError(f"port {port} not ready after {timeout:.0f} s: {last}")
-
-
-def stop_process(
-    proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM, grace: float = 30.0
-) -> str:
-    """Signal ``proc`` and wait; SIGKILL after ``grace`` seconds. Returns how it ended."""
-    if proc.poll() is not None:
-        return f"already exited ({proc.returncode})"
-    proc.send_signal(sig)
-    try:
-        proc.wait(grace)
-        return f"exited ({proc.returncode})"
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-        return f"KILLED after {grace:.0f} s"
-
-
-def tail(path: Path, n: int = 2000) -> str:
-    try:
-        data = path.read_bytes()
-    except OSError:
-        return ""
-    return data[-n:].decode("utf-8", "replace")
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a process (all its threads) from /proc."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return float("nan")
-    ticks = os.sysconf("SC_CLK_TCK")
-    return (int(fields[11]) + int(fields[12])) / ticks  # utime, stime (fields 14, 15)
-
-
-def system_busy_seconds() -> float:
-    """CPU time spent by the whole machine (all cores, all processes), from /proc/stat."""
-    try:
-        values = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
-    except (OSError, ValueError):
-        return float("nan")
-    idle = values[3] + values[4]  # idle + iowait
-    return (sum(values) - idle) / os.sysconf("SC_CLK_TCK")
-
-
-def own_cpu_seconds(*pids: int) -> float:
-    """CPU time of this process, its finished children (smtp-source) and the given processes."""
-    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return (
-        time.process_time()
-        + usage.ru_utime
-        + usage.ru_stime
-        + sum(cpu_seconds(pid) for pid in pids if pid)
-    )
-
-
-def wait_quiet(timeout: float, *pids: int) -> float:
+def wait_quiet(timeout: float, *pids: int, ours: Callable[..., float] = own_cpu_seconds) -> float:
     """Wait (up to ``timeout`` s) for a 1-second window in which processes outside the benchmark
-    use at most MAX_OTHER_PERCENT of a core. Returns the other load of the last window, in %."""
+    use at most MAX_OTHER_PERCENT of a core. Returns the other load of the last window, in %.
+    ``ours(*pids)`` is the CPU time of the benchmark's processes (default: this harness, its
+    reaped children and the processes ``pids``)."""
     deadline = time.monotonic() + timeout
     while True:
-        ours0, busy0, t0 = own_cpu_seconds(*pids), system_busy_seconds(), time.monotonic()
+        ours0, busy0, t0 = ours(*pids), system_busy_seconds(), time.monotonic()
         time.sleep(1.0)
-        other = (system_busy_seconds() - busy0) - (own_cpu_seconds(*pids) - ours0)
+        other = (system_busy_seconds() - busy0) - (ours(*pids) - ours0)
         percent = 100 * max(0.0, other) / (time.monotonic() - t0)
         if percent <= MAX_OTHER_PERCENT or time.monotonic() >= deadline:
             return round(percent, 1)
@@ -328,6 +264,71 @@ def source_cmd(port: int, size: int, sessions: int, count: int, reuse: bool) -> 
     return cmd
 
 
+@dataclass
+class Timed:
+    """One timed ``smtp-source`` run (:func:`timed_source`): the fields every benchmark's run
+    record has."""
+
+    count: int
+    seconds: float
+    msgs_per_sec: float
+    sink_received: int
+    ok: bool
+    error: str
+    other_cpu_percent: float  # CPU used by processes not in the benchmark, % of one core
+
+
+def timed_source(
+    cmd: list[str],
+    sink: Sink,
+    count: int,
+    *,
+    ours: Callable[[], float],
+    probe: Callable[[], P],
+    expected: int | None = None,
+    timeout: float = 1800,
+    settle: int = 1,
+) -> tuple[Timed, P, P]:
+    """Run ``cmd`` (smtp-source sending ``count`` messages) and time it; the sink must receive
+    ``expected`` messages (default ``count``; re-read up to ``settle`` times, 0.2 s apart: its
+    counter may lag). The CPU used outside the benchmark is the machine's busy time less
+    ``ours()`` (the CPU time of the benchmark's processes) over the run. ``probe()`` is sampled
+    just before and just after the run (e.g. a gateway's CPU time) and returned with it."""
+    expected = count if expected is None else expected
+    before = sink.messages()
+    probe0 = probe()
+    ours0, busy0 = ours(), system_busy_seconds()
+    t0 = time.perf_counter()
+    try:
+        proc = subprocess.run(cmd, capture_output=True, timeout=timeout)
+        rc, err = proc.returncode, proc.stderr.decode("utf-8", "replace").strip()
+    except subprocess.TimeoutExpired:
+        rc, err = -1, f"smtp-source timed out after {timeout:.0f} s"
+    seconds = time.perf_counter() - t0
+    ours1, busy1 = ours(), system_busy_seconds()
+    probe1 = probe()
+    other = max(0.0, (busy1 - busy0) - (ours1 - ours0))
+    received = sink.messages() - before
+    for _ in range(settle):  # the counter file may lag a little
+        if received >= expected:
+            break
+        time.sleep(0.2)
+        received = sink.messages() - before
+    ok = rc == 0 and received == expected
+    if not ok and not err:
+        err = f"smtp-source exit {rc}, sink received {received} of {expected}"
+    timed = Timed(
+        count=count,
+        seconds=round(seconds, 4),
+        msgs_per_sec=round(count / seconds, 1),
+        sink_received=received,
+        ok=ok,
+        error=err[-800:],
+        other_cpu_percent=round(100 * other / seconds, 1),
+    )
+    return timed, probe0, probe1
+
+
 def run_source(
     sink: Sink,
     port: int,
@@ -338,114 +339,73 @@ def run_source(
     gateway_pid: int | None = None,
     timeout: float = 1800,
 ) -> SourceRun:
-    cmd = source_cmd(port, size, sessions, count, reuse)
-    before = sink.messages()
-    cpu0 = cpu_seconds(gateway_pid) if gateway_pid else None
-    ours0, busy0 = own_cpu_seconds(sink.pid, gateway_pid or 0), system_busy_seconds()
-    t0 = time.perf_counter()
-    try:
-        proc = subprocess.run(cmd, capture_output=True, timeout=timeout)
-        rc, err = proc.returncode, proc.stderr.decode("utf-8", "replace").strip()
-    except subprocess.TimeoutExpired:
-        rc, err = -1, f"smtp-source timed out after {timeout:.0f} s"
-    seconds = time.perf_counter() - t0
-    ours1, busy1 = own_cpu_seconds(sink.pid, gateway_pid or 0), system_busy_seconds()
-    cpu1 = cpu_seconds(gateway_pid) if gateway_pid else None
-    other = max(0.0, (busy1 - busy0) - (ours1 - ours0))
-    received = sink.messages() - before
-    if received < count:  # the counter file may lag a little
-        time.sleep(0.2)
-        received = sink.messages() - before
-    ok = rc == 0 and received == count
-    if not ok and not err:
-        err = f"smtp-source exit {rc}, sink received {received} of {count}"
+    timed, cpu0, cpu1 = timed_source(
+        source_cmd(port, size, sessions, count, reuse),
+        sink,
+        count,
+        ours=lambda: own_cpu_seconds(sink.pid, gateway_pid or 0),
+        probe=lambda: cpu_seconds(gateway_pid) if gateway_pid else None,
+        timeout=timeout,
+    )
     return SourceRun(
-        count=count,
-        seconds=round(seconds, 4),
-        msgs_per_sec=round(count / seconds, 1),
-        sink_received=received,
-        ok=ok,
-        error=err[-800:],
+        **asdict(timed),
         gateway_cpu_seconds=(
             round(cpu1 - cpu0, 3) if cpu0 is not None and cpu1 is not None else None
         ),
-        other_cpu_percent=round(100 * other / seconds, 1),
     )
+
+
+class Run(Protocol):
+    """A timed run as :func:`kept` and :func:`quiet` judge it."""
+
+    @property
+    def ok(self) -> bool: ...
+
+    @property
+    def other_cpu_percent(self) -> float | None: ...
+
+
+def kept(runs: Sequence[R]) -> list[R]:
+    """The successful runs during which the machine was quiet (other load at most
+    MAX_OTHER_PERCENT of a core); all successful runs if none was."""
+    good = [r for r in runs if r.ok]
+    quiet_runs = [r for r in good if (r.other_cpu_percent or 0) <= MAX_OTHER_PERCENT]
+    return quiet_runs or good
+
+
+def quiet(runs: Sequence[Run]) -> int:
+    """How many of ``runs`` succeeded while the machine was quiet."""
+    return sum(1 for r in runs if r.ok and (r.other_cpu_percent or 0) <= MAX_OTHER_PERCENT)
 
 
 # --------------------------------------------------------------------------- the gateway
 
 
 def gateway_toml(state_dir: Path, port: int, sink_port: int) -> str:
-    return f"""\
-# Mailward benchmark configuration (written by bench/run.py)
-state_dir = "{state_dir}"
-
-[database]
-auto_migrate = true          # SQLite at {{state_dir}}/mailward.db, synchronous = normal (default)
-
-[smtp]
-hostname = "{HELO_NAME}"
-trusted_networks = ["127.0.0.1/32"]   # relaying without AUTH from loopback only
-# smtp-source opens a new connection per message: a closing one may still be counted when the
-# next opens, so the per-IP limit (default 20) is raised above the 20 sessions used here.
-max_connections_per_ip = 200
-
-[[smtp.listeners]]
-name = "bench"
-address = "{HOST}"
-port = {port}
-tls = "none"
-
-[relay]
-host = "{HOST}"
-port = {sink_port}
-tls = "none"
-pool_size = 32
-
-[log]
-level = "warning"
-{limits_overrides()}{policy_overrides()}"""
+    return gateway_config(
+        title="Mailward benchmark configuration (written by bench/run.py)",
+        src=GATEWAY_SRC,
+        state_dir=state_dir,
+        hostname=HELO_NAME,
+        listener="bench",
+        port=port,
+        upstream_port=sink_port,
+        relay="pool_size = 32\n",
+        log_level="warning",
+        pipeline=policy_overrides(),
+    )
 
 
-POLICY_OFF = """
-# --policy off: every configurable check switched off (the fixed AUTH gate still applies), to
-# measure the shipped policy's cost as the ratio of a policy-on run to this one
-[pipeline]
-connect = []
-auth = []
-mail = []
-rcpt = []
-data = []
-"""
+POLICY_OFF = (
+    "\n# --policy off: every configurable check switched off (the fixed AUTH gate still applies), "
+    "to\n# measure the shipped policy's cost as the ratio of a policy-on run to this one"
+    + PIPELINE_OFF
+)
 
 
 def policy_overrides() -> str:
     """The ``--policy`` choice, passed down through the environment of this benchmark process."""
     return POLICY_OFF if os.environ.get("MAILWARD_BENCH_POLICY") == "off" else ""
-
-
-def limits_overrides() -> str:
-    """Raise every shipped rate-limit rule far above the benchmark's load, so the ``rate-limit``
-    check still runs (and counts) but never refuses: the benchmark sends thousands of messages per
-    minute from one IP and sender domain, which the shipped tiers are meant to stop."""
-    rules: dict[str, Any] = {}
-    for path in sorted((GATEWAY_SRC / "policies").glob("*.toml")):
-        with contextlib.suppress(OSError, tomllib.TOMLDecodeError):
-            rules.update(tomllib.loads(path.read_text()).get("limits", {}).get("rules", {}))
-    if not rules:
-        return ""
-    lines = ["", "# Rate limits raised so that the check runs but never refuses the benchmark."]
-    for name in sorted(rules):
-        lines += [
-            f'[limits.rules."{name}"]',
-            'tiers = [{ limit = 1_000_000_000_000, period = "1m" }]',
-        ]
-    return "\n".join(lines) + "\n"
-
-
-def pyspy_path() -> str | None:
-    return shutil.which("py-spy", path=str(Path(sys.executable).parent)) or shutil.which("py-spy")
 
 
 class Gateway:
@@ -477,20 +437,9 @@ class Gateway:
         return self.proc.pid if self.proc is not None else 0
 
     def start(self) -> None:
-        env = dict(os.environ)
-        env.pop("MAILWARD_CONFIG", None)
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(GATEWAY_SRC), env.get("PYTHONPATH")]))
-        with self.log.open("wb") as log:
-            self.proc = subprocess.Popen(
-                self.cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=self.dir
-            )
-        try:
-            wait_for_smtp(self.port, self.proc, 60)
-        except RuntimeError as exc:
-            self.stop()
-            raise RuntimeError(
-                f"gateway did not start: {exc}\n--- log:\n{tail(self.log)}"
-            ) from None
+        self.proc = start_gateway(
+            self.cmd, port=self.port, log=self.log, cwd=self.dir, src=GATEWAY_SRC
+        )
 
     def stop(self) -> str:
         """SIGTERM (graceful: sessions end, the audit is flushed), SIGKILL after 30 s."""
@@ -504,14 +453,11 @@ class Gateway:
         if not db.exists():
             return {"error": f"no database at {db}"}
         try:
-            con = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
-            try:
+            with read_only(db) as con:
                 rows = con.execute(
                     "SELECT kind, coalesce(outcome, ''), count(*), avg(size) "
                     "FROM audit_record GROUP BY 1, 2 ORDER BY 1, 2"
                 ).fetchall()
-            finally:
-                con.close()
         except sqlite3.Error as exc:
             return {"error": f"cannot read audit_record: {exc}"}
         by = {f"{k}/{o}": n for k, o, n, _ in rows}
@@ -723,23 +669,13 @@ class Cell:
     def name(self) -> str:
         return f"{self.size_label} x{self.sessions} {self.connection}"
 
-    def kept(self, runs: list[SourceRun]) -> list[SourceRun]:
-        """The successful runs during which the machine was quiet (other load at most
-        MAX_OTHER_PERCENT of a core); all successful runs if none was."""
-        good = [r for r in runs if r.ok]
-        quiet = [r for r in good if (r.other_cpu_percent or 0) <= MAX_OTHER_PERCENT]
-        return quiet or good
-
-    def quiet(self, runs: list[SourceRun]) -> int:
-        return sum(1 for r in runs if r.ok and (r.other_cpu_percent or 0) <= MAX_OTHER_PERCENT)
-
     def median(self, runs: list[SourceRun]) -> float | None:
-        kept = [r.msgs_per_sec for r in self.kept(runs)]
-        return round(statistics.median(kept), 1) if kept else None
+        rates = [r.msgs_per_sec for r in kept(runs)]
+        return round(statistics.median(rates), 1) if rates else None
 
     def summary(self) -> dict[str, Any]:
         base, gw = self.median(self.baseline), self.median(self.gateway)
-        gw_runs = [r for r in self.kept(self.gateway) if r.gateway_cpu_seconds is not None]
+        gw_runs = [r for r in kept(self.gateway) if r.gateway_cpu_seconds is not None]
         cpu = [(r.gateway_cpu_seconds or 0.0) / r.count for r in gw_runs]
         busy = [(r.gateway_cpu_seconds or 0.0) / r.seconds for r in gw_runs]
         expected = self.warmup + sum(r.count for r in self.gateway)
@@ -755,8 +691,8 @@ class Cell:
             "gateway_cpu_ms_per_msg": round(1000 * statistics.median(cpu), 3) if cpu else None,
             "gateway_cpu_percent": round(100 * statistics.median(busy), 1) if busy else None,
             "other_cpu_percent_max": max(other) if other else None,
-            "quiet_runs": f"{self.quiet(self.baseline)}/{len(self.baseline)} "
-            f"{self.quiet(self.gateway)}/{len(self.gateway)}",
+            "quiet_runs": f"{quiet(self.baseline)}/{len(self.baseline)} "
+            f"{quiet(self.gateway)}/{len(self.gateway)}",
             "audit_expected_delivered": expected,
             "audit_ok": self.audit.get("delivered") == expected,
         }
@@ -859,17 +795,34 @@ def profile_cell(
     cell.profile = summary
 
 
+class Named(Protocol):
+    """A benchmark cell as :func:`table_cells` lists it."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def error(self) -> str: ...
+
+
+def table_cells(head: str, cells: Sequence[C], width: int) -> Iterator[C]:
+    """Print the table head ``head`` and its rule, and for each cell that failed its name
+    (``width`` columns) and the first line of its error; yields the others, for their rows."""
+    print(head)
+    print("-" * len(head))
+    for cell in cells:
+        if cell.error:
+            print(f"{cell.name:<{width}} ERROR: {cell.error.splitlines()[0]}")
+            continue
+        yield cell
+
+
 def print_table(cells: list[Cell]) -> None:
     head = (
         f"{'cell':<18} {'msgs':>6}  {'baseline/s':>10}  {'gateway/s':>9}  {'ratio':>6}  "
         f"{'gw CPU ms/msg':>13}  {'gw CPU%':>7}  {'other%':>6}  {'quiet':>7}  audit"
     )
-    print(head)
-    print("-" * len(head))
-    for cell in cells:
-        if cell.error:
-            print(f"{cell.name:<18} ERROR: {cell.error.splitlines()[0]}")
-            continue
+    for cell in table_cells(head, cells, 18):
         s = cell.summary()
 
         def f(v: Any, spec: str) -> str:
@@ -907,19 +860,38 @@ def print_legend(cells: list[Cell]) -> None:
     busy = [
         c.name
         for c in cells
-        if c.baseline and (not c.quiet(c.baseline) or (c.gateway and not c.quiet(c.gateway)))
+        if c.baseline and (not quiet(c.baseline) or (c.gateway and not quiet(c.gateway)))
     ]
     if busy:
         print(f"WARNING: no quiet run for: {', '.join(busy)}; figures disturbed, rerun")
 
 
-def print_profile(cell: Cell, top: int) -> None:
-    p = cell.profile
-    print(f"\nProfile of the gateway, {cell.name} ({p.get('profiler', '')}):")
+def profile_head(title: str, p: dict[str, Any]) -> dict[str, Any] | None:
+    """Print the ``title`` of the profile summary ``p``; if profiling failed, its error and None,
+    else the profiled run (its figures, possibly none)."""
+    print(title)
     if "error" in p:
         print(f"  ERROR: {p['error']}")
+        return None
+    return dict(p.get("profiled_run") or {})
+
+
+def print_top(p: dict[str, Any], top: int) -> None:
+    """The ``top`` functions of each list of the profile summary ``p`` (py-spy or cProfile)."""
+    for key in ("top_self", "top_cumulative", "top_gateway_cumulative"):
+        if key not in p:
+            continue
+        print(f"  {key}:")
+        for e in p[key][:top]:
+            amount = f"{e['percent']:5.1f}%" if "percent" in e else f"{e['cumtime']:8.3f}s"
+            print(f"    {amount}  {e['function']}")
+
+
+def print_profile(cell: Cell, top: int) -> None:
+    p = cell.profile
+    run = profile_head(f"\nProfile of the gateway, {cell.name} ({p.get('profiler', '')}):", p)
+    if run is None:
         return
-    run = p.get("profiled_run") or {}
     print(
         f"  profiled run: {run.get('msgs_per_sec')} msgs/s (slowed by the profiler; other load "
         f"{run.get('other_cpu_percent')}% of a core)"
@@ -933,13 +905,42 @@ def print_profile(cell: Cell, top: int) -> None:
     print(
         "  self time by package: " + ", ".join(f"{b} {v}%" for b, v in p["self_by_package"].items())
     )
-    for key in ("top_self", "top_cumulative", "top_gateway_cumulative"):
-        if key not in p:
-            continue
-        print(f"  {key}:")
-        for e in p[key][:top]:
-            amount = f"{e['percent']:5.1f}%" if "percent" in e else f"{e['cumtime']:8.3f}s"
-            print(f"    {amount}  {e['function']}")
+    print_top(p, top)
+
+
+def add_wait_quiet(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--wait-quiet",
+        type=float,
+        help="before each timed pair, wait up to this many seconds for other processes to be "
+        f"quiet (<= {MAX_OTHER_PERCENT:.0f}%% of a core); default 60, quick 0",
+    )
+
+
+def quick_defaults(args: argparse.Namespace) -> None:
+    """``--repeat`` and ``--wait-quiet`` when not given: 3 and 60 s, with ``--quick`` 1 and 0."""
+    args.repeat = args.repeat or (1 if args.quick else 3)
+    if args.wait_quiet is None:
+        args.wait_quiet = 0.0 if args.quick else 60.0
+
+
+def tools_found() -> bool:
+    """Whether smtp-source and smtp-sink can run; if not, says how to install them."""
+    for tool in (SMTP_SOURCE, SMTP_SINK):
+        if not os.access(tool, os.X_OK):
+            print(f"bench: {tool} not found: apt-get install postfix (see bench/README.md)")
+            return False
+    return True
+
+
+def result_head(started: dt.datetime, code: dict[str, Any]) -> dict[str, Any]:
+    """The first entries of a results file: when, how, on what machine, which gateway."""
+    return {
+        "started": started.isoformat(timespec="seconds"),
+        "argv": sys.argv,
+        "machine": machine_info(),
+        "code": code,
+    }
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -975,12 +976,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="measure the gateway in this source tree (with gateway/, policies/, migrations/), "
         "e.g. `git archive <commit> | tar -x -C DIR`; default: this checkout",
     )
-    p.add_argument(
-        "--wait-quiet",
-        type=float,
-        help="before each timed pair, wait up to this many seconds for other processes to be "
-        f"quiet (<= {MAX_OTHER_PERCENT:.0f}%% of a core); default 60, quick 0",
-    )
+    add_wait_quiet(p)
     p.add_argument("--baseline-only", action="store_true", help="skip the gateway (harness check)")
     p.add_argument("--profile", action="store_true", help="one extra profiled gateway run per cell")
     p.add_argument("--profiler", choices=["py-spy", "cprofile"], default=None)
@@ -994,9 +990,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         if s not in SIZES:
             p.error(f"unknown size {s!r} (use {', '.join(SIZES)})")
     args.sessions = [int(s) for s in args.sessions.split(",") if s.strip()]
-    args.repeat = args.repeat or (1 if args.quick else 3)
-    if args.wait_quiet is None:
-        args.wait_quiet = 0.0 if args.quick else 60.0
+    quick_defaults(args)
     args.connection = args.connection or ("new" if args.quick else "both")
     if args.profile and args.profiler is None:
         args.profiler = "py-spy" if pyspy_path() else "cprofile"
@@ -1012,10 +1006,8 @@ def main(argv: list[str] | None = None) -> int:
         if not (GATEWAY_SRC / "gateway" / "cli").is_dir():
             print(f"bench: {GATEWAY_SRC} has no gateway/cli")
             return 2
-    for tool in (SMTP_SOURCE, SMTP_SINK):
-        if not os.access(tool, os.X_OK):
-            print(f"bench: {tool} not found: apt-get install postfix (see bench/README.md)")
-            return 2
+    if not tools_found():
+        return 2
     if postfix_master_running():
         print("bench: warning: a Postfix master daemon is running; stop it (postfix stop)")
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
@@ -1083,10 +1075,7 @@ def main(argv: list[str] | None = None) -> int:
         if cell.profile:
             print_profile(cell, min(args.top, 15))
     result = {
-        "started": started.isoformat(timespec="seconds"),
-        "argv": sys.argv,
-        "machine": machine_info(),
-        "code": code,
+        **result_head(started, code),
         "commands": {
             "sink": [SMTP_SINK, "-c", "-u", SINK_USER, f"{HOST}:<port>", "1024"],
             "source_example": example,

@@ -80,14 +80,12 @@ import re
 import shutil
 import signal
 import smtplib
-import socket
 import sqlite3
 import subprocess
 import sys
 import tempfile
 import threading
 import time
-import tomllib
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -101,9 +99,22 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from common import (  # noqa: E402  (bench/common.py: processes, configuration)
+    HOST,
+    PIPELINE_OFF,
+    descendants,
+    free_port,
+    gateway_config,
+    launch,
+    proc_stat,
+    pyspy_path,
+    read_only,
+    tail,
+    wait_for_smtp,
+)
+
 from gateway.smtp.capture import CaptureThread, CaptureUpstream, drop, reply, stall  # noqa: E402
 
-HOST = "127.0.0.1"
 SENDER_DOMAIN = "soak.example"
 RECIPIENT_DOMAIN = "dest.example"
 GATEWAY_NAME = "soak.mailward.test"
@@ -242,38 +253,6 @@ class Figures:
 # --------------------------------------------------------------------------- small helpers
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind((HOST, 0))
-        return int(s.getsockname()[1])
-
-
-def proc_stat(pid: int) -> list[str] | None:
-    """The fields of /proc/<pid>/stat after the command name (state is [0], ppid [1])."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except (OSError, IndexError):
-        return None
-
-
-def descendants(root: int) -> set[tuple[int, str]]:
-    """(pid, start time) of every descendant of ``root`` (from /proc)."""
-    children: dict[int, list[tuple[int, str]]] = defaultdict(list)
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            stat = proc_stat(int(entry.name))
-            if stat is not None:
-                children[int(stat[1])].append((int(entry.name), stat[19]))
-    found: set[tuple[int, str]] = set()
-    todo = [root]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            if child not in found:
-                found.add(child)
-                todo.append(child[0])
-    return found
-
-
 def still_running(proc: tuple[int, str]) -> bool:
     stat = proc_stat(proc[0])
     return stat is not None and stat[19] == proc[1] and stat[0] != "Z"
@@ -286,64 +265,23 @@ def cmdline(pid: int) -> str:
         return "?"
 
 
-def tail(path: Path, n: int = 4000) -> str:
-    try:
-        data = path.read_bytes()
-    except OSError:
-        return ""
-    return data[-n:].decode("utf-8", "replace")
-
-
-def limits_overrides() -> str:
-    """Raise every shipped rate-limit rule far above the soak's load (as ``bench/run.py`` does):
-    the checks still run, but a thousand messages from one IP and domain are not refused."""
-    rules: dict[str, Any] = {}
-    for path in sorted((REPO / "policies").glob("*.toml")):
-        with contextlib.suppress(OSError, tomllib.TOMLDecodeError):
-            rules.update(tomllib.loads(path.read_text()).get("limits", {}).get("rules", {}))
-    lines = [""]
-    for name in sorted(rules):
-        lines += [
-            f'[limits.rules."{name}"]',
-            'tiers = [{ limit = 1_000_000_000_000, period = "1m" }]',
-        ]
-    return "\n".join(lines) + "\n"
-
-
 def gateway_toml(state_dir: Path, port: int, upstream_port: int, policy: str) -> str:
-    pipeline_off = (
-        "\n[pipeline]\nconnect = []\nauth = []\nmail = []\nrcpt = []\ndata = []\n"
-        if policy == "off"
-        else ""
-    )
-    return f"""\
-# Mailward soak-test configuration (written by bench/soak.py)
-state_dir = "{state_dir}"
-
-[database]
-auto_migrate = true
-
-[smtp]
-hostname = "{GATEWAY_NAME}"
-trusted_networks = ["127.0.0.1/32"]   # relaying without AUTH from loopback only
-max_connections_per_ip = 200
-
-[[smtp.listeners]]
-name = "soak"
-address = "{HOST}"
-port = {port}
-tls = "none"
-
-[relay]
-host = "{HOST}"
-port = {upstream_port}
-tls = "none"
+    return gateway_config(
+        title="Mailward soak-test configuration (written by bench/soak.py)",
+        src=REPO,
+        state_dir=state_dir,
+        hostname=GATEWAY_NAME,
+        listener="soak",
+        port=port,
+        upstream_port=upstream_port,
+        relay="""\
 connect_timeout = 5.0
 command_timeout = 15.0
 data_timeout = 20.0
 pool_size = 16
 pool_idle_seconds = 5.0
-
+""",
+        sections="""\
 [queue]
 on_upstream_tempfail = "queue"
 retry_first = "1s"
@@ -353,9 +291,10 @@ claim_lease = "1m"   # the shortest allowed (a restarted gateway also frees its 
 warn_after = "0"
 min_free_space = "16M"
 
-[log]
-level = "info"
-{limits_overrides()}{pipeline_off}"""
+""",
+        log_level="info",
+        pipeline=PIPELINE_OFF if policy == "off" else "",
+    )
 
 
 def make_body(rng: random.Random, msgid: str, sender: str, recipients: tuple[str, ...]) -> bytes:
@@ -397,43 +336,13 @@ class GatewayProcess:
         self.cmd = [*entry, "--config", str(config), "serve"]
 
     def start(self, timeout: float) -> None:
-        env = dict(os.environ)
-        env.pop("MAILWARD_CONFIG", None)
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
         self.starts += 1
-        with self.log.open("ab") as log:
-            log.write(f"\n===== soak: gateway start #{self.starts} =====\n".encode())
-            log.flush()
-            self.proc = subprocess.Popen(
-                self.cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=self.workdir
-            )
-        self._wait_banner(timeout)
-
-    def _wait_banner(self, timeout: float) -> None:
-        assert self.proc is not None
-        deadline = time.monotonic() + timeout
-        last: Exception | None = None
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise HarnessError(
-                    f"gateway exited with code {self.proc.returncode} before listening "
-                    f"(start #{self.starts})"
-                )
-            try:
-                with socket.create_connection((HOST, self.port), timeout=5) as s:
-                    banner = s.makefile("rb").readline()
-                    if banner.startswith(b"220"):
-                        s.sendall(b"QUIT\r\n")
-                        with contextlib.suppress(OSError):
-                            s.recv(512)
-                        return
-                    last = HarnessError(f"unexpected banner {banner!r}")
-            except OSError as exc:
-                last = exc
-            time.sleep(0.05)
-        raise HarnessError(
-            f"gateway not ready after {timeout:.0f} s (start #{self.starts}): {last}"
-        )
+        header = f"\n===== soak: gateway start #{self.starts} =====\n"
+        self.proc = launch(self.cmd, self.log, self.workdir, REPO, header)
+        try:
+            wait_for_smtp(self.port, self.proc, timeout, poll=0.05, connect_timeout=5)
+        except RuntimeError as exc:
+            raise HarnessError(f"gateway start #{self.starts} failed: {exc}") from None
 
     def remember_children(self) -> None:
         """Note the gateway's descendants (spam-scan workers...): they must end with it."""
@@ -463,9 +372,7 @@ class GatewayProcess:
         except subprocess.TimeoutExpired:
             pass
         dumped = ""
-        spy = shutil.which("py-spy", path=str(Path(sys.executable).parent)) or shutil.which(
-            "py-spy"
-        )
+        spy = pyspy_path()
         if spy:
             out = self.workdir / "shutdown-hang.txt"
             with out.open("wb") as fh, contextlib.suppress(OSError, subprocess.SubprocessError):
@@ -757,14 +664,11 @@ class Soak:
     def pending_in_queue(self) -> int | None:
         """Recipients still pending in queued copies (None: the database cannot be read yet)."""
         try:
-            con = sqlite3.connect(f"file:{self.db}?mode=ro", uri=True, timeout=10)
-            try:
+            with read_only(self.db, timeout=10) as con:
                 row = con.execute(
                     "SELECT count(*) FROM queue_recipient r JOIN queue_copy c ON r.copy_id = c.id "
                     "WHERE c.state = 'queued' AND r.state = 'pending'"
                 ).fetchone()
-            finally:
-                con.close()
         except sqlite3.Error:
             return None
         return int(row[0])
@@ -889,8 +793,7 @@ class Soak:
         description) of every recipient row; the description names the queue message, copy,
         transaction, attempts and last reply (for the examples)."""
         try:
-            con = sqlite3.connect(f"file:{self.db}?mode=ro", uri=True, timeout=30)
-            try:
+            with read_only(self.db, timeout=30) as con:
                 rows = con.execute(
                     "SELECT m.message_id_header, c.state, r.address, r.state, m.id, c.id, "
                     "m.txn_id, c.attempts, r.last_reply "
@@ -907,8 +810,6 @@ class Soak:
                         "GROUP BY 1, 2 ORDER BY 1, 2"
                     )
                 }
-            finally:
-                con.close()
         except sqlite3.Error as exc:
             self.figures.notes.append(f"queue tables not readable: {exc}")
             return []
@@ -1045,14 +946,11 @@ class Soak:
 
     def copy_state_counts(self) -> dict[str, int]:
         try:
-            con = sqlite3.connect(f"file:{self.db}?mode=ro", uri=True, timeout=30)
-            try:
+            with read_only(self.db, timeout=30) as con:
                 return {
                     s: n
                     for s, n in con.execute("SELECT state, count(*) FROM queue_copy GROUP BY 1")
                 }
-            finally:
-                con.close()
         except sqlite3.Error:
             return {}
 
@@ -1230,7 +1128,7 @@ def main(argv: list[str] | None = None) -> int:
             args.json.write_text(json.dumps(data, indent=2, sort_keys=True))
     except HarnessError as exc:
         print(f"soak: HARNESS FAILURE: {exc}", file=sys.stderr)
-        print(f"--- gateway log (tail):\n{tail(workdir / 'gateway.log')}", file=sys.stderr)
+        print(f"--- gateway log (tail):\n{tail(workdir / 'gateway.log', 4000)}", file=sys.stderr)
     except KeyboardInterrupt as exc:
         print(f"soak: interrupted ({exc})", file=sys.stderr)
     finally:

@@ -22,7 +22,6 @@ prints them exactly, JSON-escaped.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
@@ -30,37 +29,15 @@ from typing import Any, TypeVar
 
 from gateway.audit.models import KINDS, OUTCOMES
 from gateway.audit.store import MAX_PAGE, AuditRecord, SqlAuditStore
-from gateway.cli.common import (
-    EXIT_CONFIG,
-    EXIT_FAILURE,
-    EXIT_OK,
-    fail,
-    format_fields,
-    load,
-    print_table,
-    printable,
-)
-from gateway.cli.db import report
+from gateway.cli import common
+from gateway.cli.common import EXIT_CONFIG, EXIT_FAILURE, EXIT_OK, fail, load, printable, short
 from gateway.config import Config
-from gateway.core.errors import GatewayError
-from gateway.db.engine import open_engine
 
 T = TypeVar("T")
 
 
-def _positive(value: str) -> int:
-    try:
-        number = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}") from None
-    if number < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}")
-    return number
-
-
 def register(sub: Any) -> None:
-    p: argparse.ArgumentParser = sub.add_parser("audit", help="read the audit log")
-    sub2 = p.add_subparsers(dest="audit_command", metavar="ACTION", required=True)
+    sub2 = common.add_actions(sub, "audit", "read the audit log")
 
     lst = sub2.add_parser("list", help="list audit records, newest first")
     lst.add_argument("--since", metavar="ISO", help="records started at or after this time")
@@ -71,17 +48,11 @@ def register(sub: Any) -> None:
     lst.add_argument("--verdict", metavar="CHECK_ID", help="records with a verdict of this check")
     lst.add_argument("--outcome", choices=OUTCOMES, help="message outcome")
     lst.add_argument("--kind", choices=KINDS, help="record kind")
-    lst.add_argument(
-        "--limit", type=_positive, default=50, help=f"records per page (default 50, max {MAX_PAGE})"
-    )
-    lst.add_argument(
-        "--before-id", type=_positive, metavar="ID", help="only records older than ID (next page)"
-    )
-    lst.add_argument("--json", action="store_true", help="one JSON object per line")
+    common.add_page_arguments(lst, "records", MAX_PAGE)
     lst.set_defaults(func=handle_list)
 
     show = sub2.add_parser("show", help="print one audit record completely")
-    show.add_argument("id", type=_positive, metavar="ID")
+    show.add_argument("id", type=common.positive_int, metavar="ID")
     show.add_argument("--json", action="store_true", help="as one JSON object")
     show.set_defaults(func=handle_show)
 
@@ -107,43 +78,29 @@ def parse_time(value: str | None, option: str) -> datetime | None:
 
 
 def _with_store(config: Config, fn: Callable[[SqlAuditStore], Awaitable[T]]) -> T:
-    async def run() -> T:
-        async with open_engine(config) as engine:
-            store = SqlAuditStore(
-                engine, batch_size=config.audit.batch_size, timeout=config.database.timeout
-            )
-            return await fn(store)
-
-    return asyncio.run(run())
+    return common.with_store(config, SqlAuditStore, fn, batch_size=config.audit.batch_size)
 
 
-def _short(value: object, width: int) -> str:
-    text = "-" if value is None or value == "" else printable(value)
-    return text if len(text) <= width else text[: width - 3] + "..."
+def _summary_row(r: AuditRecord) -> tuple[str, ...]:
+    reply = r.final_reply if r.kind == "message" else r.detail
+    return (
+        str(r.id),
+        common.utc_time(r.started_at),
+        r.kind,
+        short(r.outcome, 11),
+        short(r.login, 24),
+        short(common.sender(r.mail_from), 30),
+        short(common.recipients_cell([rcpt.address for rcpt in r.recipients]), 34),
+        short(reply, 60),
+    )
 
 
-def _summary_rows(records: list[AuditRecord]) -> list[tuple[str, ...]]:
-    rows: list[tuple[str, ...]] = [
-        ("ID", "STARTED (UTC)", "KIND", "OUTCOME", "LOGIN", "FROM", "RCPTS", "REPLY")
-    ]
-    for r in records:
-        rcpts = r.recipients[0].address if r.recipients else "-"
-        if len(r.recipients) > 1:
-            rcpts += f" +{len(r.recipients) - 1}"
-        reply = r.final_reply if r.kind == "message" else r.detail
-        rows.append(
-            (
-                str(r.id),
-                r.started_at.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S"),
-                r.kind,
-                _short(r.outcome, 11),
-                _short(r.login, 24),
-                _short("<>" if r.mail_from == "" else r.mail_from, 30),
-                _short(rcpts, 34),
-                _short(reply, 60),
-            )
-        )
-    return rows
+_LISTING = common.Listing(
+    header=("ID", "STARTED (UTC)", "KIND", "OUTCOME", "LOGIN", "FROM", "RCPTS", "REPLY"),
+    row=_summary_row,
+    to_json=AuditRecord.to_dict,
+    empty="no matching audit records",
+)
 
 
 def handle_list(args: argparse.Namespace) -> int:
@@ -152,37 +109,22 @@ def handle_list(args: argparse.Namespace) -> int:
         until = parse_time(args.until, "--until")
     except _BadOption as exc:
         return fail(str(exc), EXIT_CONFIG)
-    config = load(args)
-    try:
-        records = _with_store(
-            config,
-            lambda s: s.list_records(
-                since=since,
-                until=until,
-                login=args.login,
-                sender=args.sender,
-                recipient=args.recipient,
-                check_id=args.verdict,
-                outcome=args.outcome,
-                kind=args.kind,
-                limit=args.limit,
-                before_id=args.before_id,
-            ),
-        )
-    except GatewayError as exc:
-        return report(exc)
-    if args.json:
-        for record in records:
-            print(json.dumps(record.to_dict()))
-        return EXIT_OK
-    if not records:
-        print("no matching audit records")
-        return EXIT_OK
-    rows = _summary_rows(records)
-    print_table(rows)
-    if len(records) == args.limit:
-        print(f"(more may follow: --before-id {records[-1].id})")
-    return EXIT_OK
+    records = _with_store(
+        load(args),
+        lambda s: s.list_records(
+            since=since,
+            until=until,
+            login=args.login,
+            sender=args.sender,
+            recipient=args.recipient,
+            check_id=args.verdict,
+            outcome=args.outcome,
+            kind=args.kind,
+            limit=args.limit,
+            before_id=args.before_id,
+        ),
+    )
+    return _LISTING.print_page(records, as_json=args.json, limit=args.limit)
 
 
 _FIELDS = (
@@ -213,13 +155,7 @@ _FIELDS = (
 
 def format_record(record: AuditRecord) -> str:
     """The human-readable form of ``audit show`` (every stored value through ``printable``)."""
-    pairs: list[tuple[str, object]] = []
-    for attr, label in _FIELDS:
-        value = getattr(record, attr)
-        if attr == "mail_from" and value == "":
-            value = "<> (null sender)"
-        pairs.append((label, value))
-    lines = [f"audit record {record.id}", *format_fields(pairs)]
+    lines = common.format_stored(f"audit record {record.id}", record, _FIELDS)
     lines.append(f"  recipients ({len(record.recipients)}):")
     for rcpt in record.recipients:
         lines.append(
@@ -253,11 +189,7 @@ def format_record(record: AuditRecord) -> str:
 
 
 def handle_show(args: argparse.Namespace) -> int:
-    config = load(args)
-    try:
-        record = _with_store(config, lambda s: s.get_record(args.id))
-    except GatewayError as exc:
-        return report(exc)
+    record = _with_store(load(args), lambda s: s.get_record(args.id))
     if record is None:
         return fail(f"no audit record {args.id}", EXIT_FAILURE)
     if args.json:

@@ -33,7 +33,6 @@ control and bidi characters escaped (:func:`gateway.cli.common.printable`); ``--
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import logging
 from collections.abc import Awaitable, Callable
@@ -41,22 +40,10 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
-from gateway.cli.common import (
-    EXIT_CONFIG,
-    EXIT_FAILURE,
-    EXIT_OK,
-    fail,
-    format_fields,
-    load,
-    print_table,
-    printable,
-)
-from gateway.cli.db import report
-from gateway.cli.quarantine import operator
+from gateway.cli import common
+from gateway.cli.common import EXIT_CONFIG, EXIT_FAILURE, EXIT_OK, fail, load, operator, printable
 from gateway.config import Config
-from gateway.core.errors import GatewayError
 from gateway.core.model import utcnow
-from gateway.db.engine import open_engine
 from gateway.keys.address import InvalidAddress
 from gateway.keys.gpg import GpgProgram
 from gateway.keys.gpghome import KeyRing
@@ -77,10 +64,9 @@ def _fingerprint(value: str) -> str:
 
 
 def register(sub: Any) -> None:
-    p: argparse.ArgumentParser = sub.add_parser(
-        "key", help="encryption keys: import, list, show, remove, revoke, verify, sync"
+    sub2 = common.add_actions(
+        sub, "key", "encryption keys: import, list, show, remove, revoke, verify, sync"
     )
-    sub2 = p.add_subparsers(dest="key_command", metavar="ACTION", required=True)
 
     imp = sub2.add_parser("import", help="import one OpenPGP public key or S/MIME certificate")
     imp.add_argument("file", metavar="FILE", help="armored/binary OpenPGP key, PEM/DER cert")
@@ -133,15 +119,7 @@ def register(sub: Any) -> None:
 
 
 def _with_store(config: Config, fn: Callable[[SqlKeyStore], Awaitable[T]]) -> T:
-    async def run() -> T:
-        async with open_engine(config) as engine:
-            store = SqlKeyStore(engine, timeout=config.database.timeout)
-            try:
-                return await fn(store)
-            finally:
-                await store.close()
-
-    return asyncio.run(run())
+    return common.with_store(config, SqlKeyStore, fn)
 
 
 def _when(value: datetime | None, never: str = "never") -> str:
@@ -183,8 +161,6 @@ def handle_import(args: argparse.Namespace) -> int:
         result = _with_store(config, run)
     except KeyRejected as exc:
         return fail(f"{printable(args.file)}: refused: {printable(exc.reason)}", EXIT_CONFIG)
-    except GatewayError as exc:
-        return report(exc)
     record: KeyRecord = result.record
     log.warning(
         "key %s (%s) %s by %s for %s",
@@ -205,9 +181,36 @@ def handle_import(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _short(value: str, width: int) -> str:
-    text = printable(value)
-    return text if len(text) <= width else text[: width - 3] + "..."
+def _listing(now: datetime) -> common.Listing[KeyRecord]:
+    """What ``key list`` prints: each key with its state at ``now``."""
+
+    def row(r: KeyRecord) -> tuple[str, ...]:
+        return (
+            r.fingerprint,
+            r.kind,
+            r.state(now),
+            _when(r.usable_until)[:10] if r.usable_until else "never",
+            r.source,
+            "yes" if r.verification == VERIFIED else "no",
+            _when(r.last_used_at, "-")[:10],
+            common.short(_addresses(r), 60),
+        )
+
+    return common.Listing(
+        header=(
+            "FINGERPRINT",
+            "KIND",
+            "STATE",
+            "EXPIRES",
+            "SOURCE",
+            "VERIFIED",
+            "LAST USED",
+            "ADDRESSES",
+        ),
+        row=row,
+        to_json=lambda r: {**r.to_dict(), "state": r.state(now)},
+        empty="no matching keys",
+    )
 
 
 def handle_list(args: argparse.Namespace) -> int:
@@ -216,34 +219,7 @@ def handle_list(args: argparse.Namespace) -> int:
         records = _with_store(config, lambda s: s.list(args.address, kind=args.kind))
     except InvalidAddress as exc:
         return fail(f"address {printable(repr(args.address))}: {exc.reason}", EXIT_CONFIG)
-    except GatewayError as exc:
-        return report(exc)
-    now = utcnow()
-    if args.json:
-        for record in records:
-            print(json.dumps({**record.to_dict(), "state": record.state(now)}))
-        return EXIT_OK
-    if not records:
-        print("no matching keys")
-        return EXIT_OK
-    rows: list[tuple[str, ...]] = [
-        ("FINGERPRINT", "KIND", "STATE", "EXPIRES", "SOURCE", "VERIFIED", "LAST USED", "ADDRESSES")
-    ]
-    for r in records:
-        rows.append(
-            (
-                r.fingerprint,
-                r.kind,
-                r.state(now),
-                _when(r.usable_until)[:10] if r.usable_until else "never",
-                r.source,
-                "yes" if r.verification == VERIFIED else "no",
-                _when(r.last_used_at, "-")[:10],
-                _short(_addresses(r), 60),
-            )
-        )
-    print_table(rows)
-    return EXIT_OK
+    return _listing(utcnow()).print_page(records, as_json=args.json)
 
 
 def format_key(record: KeyRecord, now: datetime) -> str:
@@ -267,7 +243,7 @@ def format_key(record: KeyRecord, now: datetime) -> str:
         ("last used", record.last_used_at),
         ("sha256", record.material_sha256),
     ]
-    lines = [f"key {record.fingerprint}", *format_fields(pairs)]
+    lines = [f"key {record.fingerprint}", *common.format_fields(pairs)]
     lines.append(f"  addresses ({len(record.addresses)}):")
     lines += [f"    {printable(a)}" for a in record.addresses]
     label = "user ids" if record.kind == OPENPGP else "subject"
@@ -277,11 +253,7 @@ def format_key(record: KeyRecord, now: datetime) -> str:
 
 
 def handle_show(args: argparse.Namespace) -> int:
-    config = load(args)
-    try:
-        record = _with_store(config, lambda s: s.get(args.fingerprint))
-    except GatewayError as exc:
-        return report(exc)
+    record = _with_store(load(args), lambda s: s.get(args.fingerprint))
     if record is None:
         return fail(f"no key {args.fingerprint}", EXIT_FAILURE)
     now = utcnow()
@@ -305,8 +277,6 @@ def _change(
         record = _with_store(config, fn)
     except KeyNotFound:
         return fail(f"no key {args.fingerprint}", EXIT_FAILURE)
-    except GatewayError as exc:
-        return report(exc)
     log.warning("key %s (%s) %s by %s", record.fingerprint, record.kind, verb, operator())
     print(
         f"key {record.fingerprint} ({record.kind}) {verb}; addresses: {printable(_addresses(record))}"
@@ -348,8 +318,6 @@ def handle_sync(args: argparse.Namespace) -> int:
         result = _with_store(config, run)
     except OSError as error:
         return fail(f"{keyring.path}: {error.strerror or error}", EXIT_FAILURE)
-    except GatewayError as exc:
-        return report(exc)
     print(
         f"keyring {keyring.path}: {result.imported} usable key(s) imported, "
         f"{len(result.removed)} other key(s) removed"

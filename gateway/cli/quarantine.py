@@ -44,25 +44,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import getpass
 import json
 import logging
 from collections.abc import Awaitable, Callable
-from datetime import UTC
 from typing import Any, TypeVar
 
-from gateway.cli.common import (
-    EXIT_FAILURE,
-    EXIT_OK,
-    fail,
-    format_fields,
-    load,
-    print_table,
-    printable,
-)
-from gateway.cli.db import report
+from gateway.cli import common
+from gateway.cli.common import EXIT_FAILURE, EXIT_OK, fail, load, print_table, printable, short
 from gateway.config import Config
-from gateway.core.errors import GatewayError
 from gateway.core.message import header_block
 from gateway.db.engine import open_engine
 from gateway.quarantine.models import DELETED, RELEASED, STATUSES
@@ -72,47 +61,19 @@ T = TypeVar("T")
 
 log = logging.getLogger("mailward.quarantine")
 
-
-def _positive(value: str) -> int:
-    try:
-        number = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}") from None
-    if number < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}")
-    return number
-
-
-def _entry_id(value: str) -> int:
-    """An entry id: ``5``, or ``Q5`` as the client's reply and the audit's queue id show it."""
-    digits = value[1:] if value[:1] in ("Q", "q") else value
-    try:
-        number = int(digits)
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected an entry id like 5 or Q5, got {value!r}"
-        ) from None
-    if number < 1:
-        raise argparse.ArgumentTypeError(f"expected an entry id like 5 or Q5, got {value!r}")
-    return number
+#: An entry id: ``5``, or ``Q5`` as the client's reply and the audit's queue id show it.
+_entry_id = common.number_type("an entry id like 5 or Q5", prefix="Q")
 
 
 def register(sub: Any) -> None:
-    p: argparse.ArgumentParser = sub.add_parser(
-        "quarantine", help="messages held for review: list, show, release, delete"
+    sub2 = common.add_actions(
+        sub, "quarantine", "messages held for review: list, show, release, delete"
     )
-    sub2 = p.add_subparsers(dest="quarantine_command", metavar="ACTION", required=True)
 
     lst = sub2.add_parser("list", help="list held messages, newest first")
     lst.add_argument("--status", choices=STATUSES, help="only entries with this status")
     lst.add_argument("--login", metavar="L", help="only messages sent by this login")
-    lst.add_argument(
-        "--limit", type=_positive, default=50, help=f"entries per page (default 50, max {MAX_PAGE})"
-    )
-    lst.add_argument(
-        "--before-id", type=_positive, metavar="ID", help="only entries older than ID (next page)"
-    )
-    lst.add_argument("--json", action="store_true", help="one JSON object per line")
+    common.add_page_arguments(lst, "entries", MAX_PAGE)
     lst.set_defaults(func=handle_list)
 
     show = sub2.add_parser("show", help="print one entry's metadata")
@@ -140,77 +101,40 @@ def register(sub: Any) -> None:
         cmd.set_defaults(func=handle_release if name == "release" else handle_delete)
 
 
-def operator() -> str:
-    """``decided_by`` for decisions taken here: ``cli:<OS user>`` (``cli`` if unknown)."""
-    try:
-        return f"cli:{getpass.getuser()}"
-    except (OSError, KeyError, ImportError):
-        return "cli"
-
-
 def _with_store(config: Config, fn: Callable[[SqlQuarantine], Awaitable[T]]) -> T:
-    async def run() -> T:
-        async with open_engine(config) as engine:
-            store = SqlQuarantine(engine, timeout=config.database.timeout)
-            try:
-                return await fn(store)
-            finally:
-                await store.close()
-
-    return asyncio.run(run())
+    return common.with_store(config, SqlQuarantine, fn)
 
 
-def _short(value: object, width: int) -> str:
-    text = "-" if value is None or value == "" else printable(str(value))
-    return text if len(text) <= width else text[: width - 3] + "..."
+def _summary_row(e: QuarantineEntry) -> tuple[str, ...]:
+    return (
+        str(e.id),
+        common.utc_time(e.created_at),
+        e.status,
+        short(e.check_id, 20),
+        short(e.login, 24),
+        short(common.sender(e.mail_from), 30),
+        short(common.recipients_cell(e.recipients), 34),
+        str(e.size),
+        short(e.reason, 60),
+    )
 
 
-def _sender(mail_from: str) -> str:
-    return "<>" if mail_from == "" else mail_from
+_LISTING = common.Listing(
+    header=("ID", "HELD (UTC)", "STATUS", "CHECK", "LOGIN", "FROM", "RCPTS", "SIZE", "REASON"),
+    row=_summary_row,
+    to_json=QuarantineEntry.to_dict,
+    empty="no matching quarantine entries",
+)
 
 
 def handle_list(args: argparse.Namespace) -> int:
-    config = load(args)
-    try:
-        entries = _with_store(
-            config,
-            lambda s: s.list(
-                status=args.status, login=args.login, limit=args.limit, before_id=args.before_id
-            ),
-        )
-    except GatewayError as exc:
-        return report(exc)
-    if args.json:
-        for entry in entries:
-            print(json.dumps(entry.to_dict()))
-        return EXIT_OK
-    if not entries:
-        print("no matching quarantine entries")
-        return EXIT_OK
-    rows: list[tuple[str, ...]] = [
-        ("ID", "HELD (UTC)", "STATUS", "CHECK", "LOGIN", "FROM", "RCPTS", "SIZE", "REASON")
-    ]
-    for e in entries:
-        rcpts = e.recipients[0] if e.recipients else "-"
-        if len(e.recipients) > 1:
-            rcpts += f" +{len(e.recipients) - 1}"
-        rows.append(
-            (
-                str(e.id),
-                e.created_at.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S"),
-                e.status,
-                _short(e.check_id, 20),
-                _short(e.login, 24),
-                _short(_sender(e.mail_from), 30),
-                _short(rcpts, 34),
-                str(e.size),
-                _short(e.reason, 60),
-            )
-        )
-    print_table(rows)
-    if len(entries) == args.limit:
-        print(f"(more may follow: --before-id {entries[-1].id})")
-    return EXIT_OK
+    entries = _with_store(
+        load(args),
+        lambda s: s.list(
+            status=args.status, login=args.login, limit=args.limit, before_id=args.before_id
+        ),
+    )
+    return _LISTING.print_page(entries, as_json=args.json, limit=args.limit)
 
 
 _FIELDS = (
@@ -236,13 +160,7 @@ _FIELDS = (
 
 def format_entry(entry: QuarantineEntry) -> str:
     """The human-readable metadata of ``quarantine show`` (no message content)."""
-    pairs: list[tuple[str, object]] = []
-    for attr, label in _FIELDS:
-        value = getattr(entry, attr)
-        if attr == "mail_from" and value == "":
-            value = "<> (null sender)"
-        pairs.append((label, value))
-    lines = [f"quarantine entry {entry.id}", *format_fields(pairs)]
+    lines = common.format_stored(f"quarantine entry {entry.id}", entry, _FIELDS)
     lines.append(f"  recipients ({len(entry.recipients)}):")
     for i, address in enumerate(entry.recipients, 1):
         lines.append(f"    {i}. {printable(address)}")
@@ -259,11 +177,7 @@ def header_lines(message: bytes) -> list[str]:
 
 
 def handle_show(args: argparse.Namespace) -> int:
-    config = load(args)
-    try:
-        entry = _with_store(config, lambda s: s.get(args.id, with_message=args.headers))
-    except GatewayError as exc:
-        return report(exc)
+    entry = _with_store(load(args), lambda s: s.get(args.id, with_message=args.headers))
     if entry is None:
         return fail(f"no quarantine entry {args.id}", EXIT_FAILURE)
     headers: list[str] | None = None
@@ -301,7 +215,7 @@ def handle_release(args: argparse.Namespace) -> int:
     from gateway.service import Custody
 
     password = resolve_secret(config.relay.password, "relay.password")
-    by = operator()
+    by = common.operator()
     hostname = gateway_hostname(config)
     timeout = config.database.timeout
 
@@ -344,10 +258,7 @@ def handle_release(args: argparse.Namespace) -> int:
                 for closing in (store, keys, accounts, queue):
                     await closing.close()
 
-    try:
-        entry, outcome = asyncio.run(run())
-    except GatewayError as exc:
-        return report(exc)
+    entry, outcome = asyncio.run(run())
     if entry.status != RELEASED:
         return fail(f"quarantine {args.id} release failed: {printable(entry.upstream_reply or '')}")
     print(f"quarantine {args.id} released: {printable(entry.upstream_reply or '')}")
@@ -364,11 +275,8 @@ def handle_release(args: argparse.Namespace) -> int:
 
 def handle_delete(args: argparse.Namespace) -> int:
     config = load(args)
-    by = operator()
-    try:
-        _with_store(config, lambda s: s.mark(args.id, DELETED, decided_by=by, force=args.force))
-    except GatewayError as exc:
-        return report(exc)
+    by = common.operator()
+    _with_store(config, lambda s: s.mark(args.id, DELETED, decided_by=by, force=args.force))
     log.warning("quarantine %d deleted by %s", args.id, by)
     print(f"quarantine {args.id} deleted")
     return EXIT_OK

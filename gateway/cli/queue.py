@@ -41,8 +41,6 @@ bidi characters escaped (:func:`gateway.cli.common.printable`); ``--json`` stays
 from __future__ import annotations
 
 import argparse
-import asyncio
-import getpass
 import json
 import logging
 from collections.abc import Awaitable, Callable
@@ -52,21 +50,12 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from gateway.audit.store import SqlAuditStore
 from gateway.auth.store import SqlAccountStore
-from gateway.cli.common import (
-    EXIT_FAILURE,
-    EXIT_OK,
-    fail,
-    format_fields,
-    load,
-    print_table,
-    printable,
-)
-from gateway.cli.db import report
+from gateway.cli import common
+from gateway.cli.common import EXIT_FAILURE, EXIT_OK, fail, format_fields, load, printable, short
 from gateway.config import Config
 from gateway.core.errors import GatewayError, StoreUnavailable
 from gateway.core.message import Headers
 from gateway.core.model import Session, utcnow
-from gateway.db.engine import open_engine
 from gateway.queue.dsn import build_dsn, envelope_flags, may_bounce
 from gateway.queue.model import (
     BOUNCED,
@@ -100,45 +89,18 @@ DELETABLE = (QUEUED, HELD, CORRUPT)
 DELETED_STATUS = "5.0.0"
 
 
-def _positive(value: str) -> int:
-    try:
-        number = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}") from None
-    if number < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}")
-    return number
-
-
-def _message_id(value: str) -> int:
-    """A queue id: the message's number, as ``queue list`` shows it."""
-    try:
-        number = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a queue id like 42, got {value!r}") from None
-    if number < 1:
-        raise argparse.ArgumentTypeError(f"expected a queue id like 42, got {value!r}")
-    return number
+#: A queue id: the message's number, as ``queue list`` shows it.
+_message_id = common.number_type("a queue id like 42")
 
 
 def register(sub: Any) -> None:
-    p: argparse.ArgumentParser = sub.add_parser(
-        "queue", help="the delivery queue: list, show, retry, hold, release, delete"
+    sub2 = common.add_actions(
+        sub, "queue", "the delivery queue: list, show, retry, hold, release, delete"
     )
-    sub2 = p.add_subparsers(dest="queue_command", metavar="ACTION", required=True)
 
     lst = sub2.add_parser("list", help="messages in the queue, newest first")
     lst.add_argument("--state", choices=COPY_STATES, help="only messages with a copy in this state")
-    lst.add_argument(
-        "--limit",
-        type=_positive,
-        default=50,
-        help=f"messages per page (default 50, max {MAX_PAGE})",
-    )
-    lst.add_argument(
-        "--before-id", type=_positive, metavar="ID", help="only messages older than ID (next page)"
-    )
-    lst.add_argument("--json", action="store_true", help="one JSON object per line")
+    common.add_page_arguments(lst, "messages", MAX_PAGE)
     lst.set_defaults(func=handle_list)
 
     show = sub2.add_parser("show", help="one message: envelope, copies, recipients (no content)")
@@ -179,14 +141,6 @@ def register(sub: Any) -> None:
 # --- plumbing -------------------------------------------------------------------------------------
 
 
-def operator() -> str:
-    """Who acted: ``cli:<OS user>`` (``cli`` if unknown)."""
-    try:
-        return f"cli:{getpass.getuser()}"
-    except (OSError, KeyError, ImportError):
-        return "cli"
-
-
 def queue_ref(message_id: int) -> str:
     """How the audit names a queued message (its ``queue_id`` column)."""
     return str(message_id)
@@ -200,19 +154,13 @@ class _Context:
 
 
 def _run(config: Config, fn: Callable[[_Context], Awaitable[T]]) -> T:
-    async def run() -> T:
-        async with open_engine(config) as engine:
-            store = SqlQueueStore(
-                engine,
-                timeout=config.database.timeout,
-                lifetime=config.queue.lifetime_seconds,
-            )
-            try:
-                return await fn(_Context(config, engine, store))
-            finally:
-                await store.close()
+    async def run(engine: AsyncEngine) -> T:
+        store = SqlQueueStore(
+            engine, timeout=config.database.timeout, lifetime=config.queue.lifetime_seconds
+        )
+        return await common.using(store, lambda s: fn(_Context(config, engine, s)))
 
-    return asyncio.run(run())
+    return common.with_engine(config, run)
 
 
 async def _record_in(
@@ -287,31 +235,16 @@ def _states(message: QueuedMessage) -> str:
 
 def _act(args: argparse.Namespace, action: Callable[[_Context], Awaitable[str]]) -> int:
     """Run an operator action; print what it did (exit 0), that nothing needed doing (exit 0)
-    or why it was refused or failed (one line, exit 1)."""
+    or why it was refused or failed (one line, exit 1: :func:`gateway.cli.main`)."""
     config = load(args)
     try:
         print(_run(config, action))
     except _Unchanged as exc:
         print(printable(str(exc)))
-    except GatewayError as exc:
-        return report(exc)
     return EXIT_OK
 
 
 # --- list / show ----------------------------------------------------------------------------------
-
-
-def _when(value: datetime | None) -> str:
-    return value.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S") if value else "-"
-
-
-def _sender(mail_from: str) -> str:
-    return "<>" if mail_from == "" else mail_from
-
-
-def _short(value: object, width: int) -> str:
-    text = "-" if value is None or value == "" else printable(value)
-    return text if len(text) <= width else text[: width - 3] + "..."
 
 
 def _next_attempt(message: QueuedMessage) -> datetime | None:
@@ -375,48 +308,46 @@ def message_dict(m: QueuedMessage) -> dict[str, Any]:
     }
 
 
+def _summary_row(m: QueuedMessage) -> tuple[str, ...]:
+    recipients = [r.address for c in m.copies for r in c.recipients]
+    return (
+        str(m.id),
+        common.utc_time(m.created_at),
+        _states(m) + (" (dsn)" if m.is_bounce else ""),
+        short(common.sender(m.mail_from), 30),
+        short(common.recipients_cell(recipients), 34),
+        str(len(m.pending)),
+        str(max((c.attempts for c in m.copies), default=0)),
+        common.utc_time(_next_attempt(m)),
+        short(_last_reply(m), 60),
+    )
+
+
+_LISTING = common.Listing(
+    header=(
+        "ID",
+        "ARRIVED (UTC)",
+        "STATE",
+        "FROM",
+        "RCPTS",
+        "PENDING",
+        "TRIES",
+        "NEXT (UTC)",
+        "LAST",
+    ),
+    row=_summary_row,
+    to_json=message_dict,
+    empty="no matching queue messages",
+)
+
+
 def handle_list(args: argparse.Namespace) -> int:
     config = load(args)
     limit = min(args.limit, MAX_PAGE)
-    try:
-        messages = _run(
-            config,
-            lambda ctx: ctx.store.list(state=args.state, limit=limit, before_id=args.before_id),
-        )
-    except GatewayError as exc:
-        return report(exc)
-    if args.json:
-        for m in messages:
-            print(json.dumps(message_dict(m)))
-        return EXIT_OK
-    if not messages:
-        print("no matching queue messages")
-        return EXIT_OK
-    rows: list[tuple[str, ...]] = [
-        ("ID", "ARRIVED (UTC)", "STATE", "FROM", "RCPTS", "PENDING", "TRIES", "NEXT (UTC)", "LAST")
-    ]
-    for m in messages:
-        recipients = [r for c in m.copies for r in c.recipients]
-        rcpts = recipients[0].address if recipients else "-"
-        if len(recipients) > 1:
-            rcpts += f" +{len(recipients) - 1}"
-        rows.append(
-            (
-                str(m.id),
-                _when(m.created_at),
-                _states(m) + (" (dsn)" if m.is_bounce else ""),
-                _short(_sender(m.mail_from), 30),
-                _short(rcpts, 34),
-                str(len(m.pending)),
-                str(max((c.attempts for c in m.copies), default=0)),
-                _when(_next_attempt(m)),
-                _short(_last_reply(m), 60),
-            )
-        )
-    print_table(rows)
-    if len(messages) == limit:
-        print(f"(more may follow: --before-id {messages[-1].id})")
-    return EXIT_OK
+    messages = _run(
+        config, lambda ctx: ctx.store.list(state=args.state, limit=limit, before_id=args.before_id)
+    )
+    return _LISTING.print_page(messages, as_json=args.json, limit=limit)
 
 
 def format_message(m: QueuedMessage) -> str:
@@ -427,7 +358,7 @@ def format_message(m: QueuedMessage) -> str:
             ("state", _states(m)),
             ("arrived", m.created_at),
             ("expires", m.expires_at),
-            ("mail from", "<> (null sender)" if m.mail_from == "" else m.mail_from),
+            ("mail from", common.sender(m.mail_from, common.NULL_SENDER)),
             ("login", m.login),
             ("transaction", m.txn_id),
             ("message-id", m.message_id_header),
@@ -448,7 +379,9 @@ def format_message(m: QueuedMessage) -> str:
                 ("last reply", c.last_reply),
                 (
                     "claimed by",
-                    f"{c.claimed_by} until {_when(c.claim_until)}" if c.claimed_by else None,
+                    f"{c.claimed_by} until {common.utc_time(c.claim_until)}"
+                    if c.claimed_by
+                    else None,
                 ),
                 ("spool file", f"{c.spool_name} ({c.size} bytes)"),
                 ("sha256", c.sha256),
@@ -464,11 +397,7 @@ def format_message(m: QueuedMessage) -> str:
 
 
 def handle_show(args: argparse.Namespace) -> int:
-    config = load(args)
-    try:
-        message = _run(config, lambda ctx: ctx.store.get(args.id))
-    except GatewayError as exc:
-        return report(exc)
+    message = _run(load(args), lambda ctx: ctx.store.get(args.id))
     if message is None:
         return fail(f"no queue message {args.id}", EXIT_FAILURE)
     if args.json:
@@ -501,40 +430,42 @@ def _copies(n: int) -> str:
     return f"{n} copy" if n == 1 else f"{n} copies"
 
 
-async def _change(
-    ctx: _Context,
-    message_id: int,
+def _change(
+    args: argparse.Namespace,
     action: str,
-    kind: str,
-    change: Callable[[ChangeHook], Awaitable[int]],
+    change: Callable[[SqlQueueStore, ChangeHook], Awaitable[int]],
     done: str,
-) -> str:
-    """Apply one operator change to a message with its audit event (one database transaction)
-    and say what it did."""
-    m = _fetch(await ctx.store.get(message_id), message_id)
-    by = operator()
-    event = _Audited(
-        kind,
-        m,
-        lambda c: f"queue {queue_ref(m.id)} {done} by {by}: {_copies(len(c.copies))}",
-    )
-    try:
-        changed = await change(event)
-    except StoreUnavailable as exc:
-        raise _not_done(f"queue {m.id}: {action} failed", exc) from None
-    if not changed:
-        raise _why_unchanged(m, action, utcnow())
-    log.warning(
-        "queue %d: %s by %s (%s, audit %s)", m.id, done, by, _copies(changed), event.audit_id
-    )
-    return f"queue {m.id}: {done} ({_copies(changed)}, audit record {event.audit_id})"
+) -> int:
+    """Apply one operator change (``action``) to the message ``args.id`` with its audit event
+    (kind ``queue-<action>``; one database transaction) and say what it did."""
+
+    async def apply(ctx: _Context) -> str:
+        m = _fetch(await ctx.store.get(args.id), args.id)
+        by = common.operator()
+        event = _Audited(
+            f"queue-{action}",
+            m,
+            lambda c: f"queue {queue_ref(m.id)} {done} by {by}: {_copies(len(c.copies))}",
+        )
+        try:
+            changed = await change(ctx.store, event)
+        except StoreUnavailable as exc:
+            raise _not_done(f"queue {m.id}: {action} failed", exc) from None
+        if not changed:
+            raise _why_unchanged(m, action, utcnow())
+        log.warning(
+            "queue %d: %s by %s (%s, audit %s)", m.id, done, by, _copies(changed), event.audit_id
+        )
+        return f"queue {m.id}: {done} ({_copies(changed)}, audit record {event.audit_id})"
+
+    return _act(args, apply)
 
 
 def handle_retry(args: argparse.Namespace) -> int:
     if args.all:
 
         async def everything(ctx: _Context) -> str:
-            by = operator()
+            by = common.operator()
             event = _Audited(
                 "queue-retry",
                 None,
@@ -553,45 +484,27 @@ def handle_retry(args: argparse.Namespace) -> int:
 
         return _act(args, everything)
 
-    return _act(
+    return _change(
+        args, "retry", lambda store, event: store.retry_now(args.id, event=event), "due now"
+    )
+
+
+def _move(args: argparse.Namespace, action: str, origin: str, state: str, done: str) -> int:
+    """:func:`_change`: the message's copies in state ``origin`` go to ``state``."""
+    return _change(
         args,
-        lambda ctx: _change(
-            ctx,
-            args.id,
-            "retry",
-            "queue-retry",
-            lambda event: ctx.store.retry_now(args.id, event=event),
-            "due now",
-        ),
+        action,
+        lambda store, event: store.set_state(args.id, state, origins=(origin,), event=event),
+        done,
     )
 
 
 def handle_hold(args: argparse.Namespace) -> int:
-    return _act(
-        args,
-        lambda ctx: _change(
-            ctx,
-            args.id,
-            "hold",
-            "queue-hold",
-            lambda event: ctx.store.set_state(args.id, HELD, origins=(QUEUED,), event=event),
-            "held",
-        ),
-    )
+    return _move(args, "hold", QUEUED, HELD, "held")
 
 
 def handle_release(args: argparse.Namespace) -> int:
-    return _act(
-        args,
-        lambda ctx: _change(
-            ctx,
-            args.id,
-            "release",
-            "queue-release",
-            lambda event: ctx.store.set_state(args.id, QUEUED, origins=(HELD,), event=event),
-            "released, due now",
-        ),
-    )
+    return _move(args, "release", HELD, QUEUED, "released, due now")
 
 
 # --- delete ---------------------------------------------------------------------------------------
@@ -643,7 +556,7 @@ class _Changed(GatewayError):
 
 async def _delete(ctx: _Context, message_id: int, bounce: bool) -> str:
     now = utcnow()
-    by = operator()
+    by = common.operator()
     m = _fetch(await ctx.store.get(message_id), message_id)
     targets = [c for c in m.copies if c.state in DELETABLE]
     if not targets:

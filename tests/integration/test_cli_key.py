@@ -19,7 +19,7 @@ import pytest
 from sqlalchemy import text
 
 import gateway.cli
-from gateway.cli.quarantine import operator
+from gateway.cli.common import operator
 from gateway.db.engine import engine_for_url
 from gateway.keys import KeyRing, validate_key
 from tests.fixtures.db import run_async, unreachable_url

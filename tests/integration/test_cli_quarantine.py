@@ -24,7 +24,7 @@ from sqlalchemy import text
 
 import gateway.cli
 from gateway.audit.store import AuditRecord, SqlAuditStore
-from gateway.cli.quarantine import operator
+from gateway.cli.common import operator
 from gateway.db.engine import engine_for_url
 from gateway.quarantine import SqlQuarantine
 from gateway.quarantine.models import DELETED, HELD, RELEASE_FAILED, RELEASED, RELEASING
