@@ -66,7 +66,6 @@ counter). Redis or memory: the same keys, ``ag:<epoch>:<login>:…`` (failures: 
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import math
 import time
@@ -92,6 +91,7 @@ from gateway.core.model import (
     VerdictRecord,
     utcnow,
 )
+from gateway.pipeline import eager
 from gateway.pipeline.registry import CheckSpec
 from gateway.policystate.account_state import (
     FLAGGED,
@@ -437,7 +437,7 @@ class AccountGuard:
             return
         index = int(self.clock() // self.window)
         try:
-            await asyncio.gather(
+            await eager.gather(
                 self.limits.incr(self._key(login, epoch, f"msgs:{index}"), 1, 2 * self.window),
                 self.limits.distinct(
                     self._key(login, epoch, "rcpts"), taken, self.window, limit=DISTINCT_CAP
@@ -448,7 +448,7 @@ class AccountGuard:
 
     # -- signals -----------------------------------------------------------------------------------
     async def _ips_and_bursts(self, login: str, epoch: int) -> tuple[Signal, Signal]:
-        seen, bursts = await asyncio.gather(
+        seen, bursts = await eager.gather(
             self.limits.distinct(self._key(login, epoch, "ips"), [], self.ip_window, dry_run=True),
             self.limits.get(self._key(login, epoch, "bursts")),
         )
@@ -477,7 +477,7 @@ class AccountGuard:
         now = self.clock()
         index = int(now // self.window)
         elapsed = (now % self.window) / self.window
-        baseline, current, previous, seen, (ips, bursts) = await asyncio.gather(
+        baseline, current, previous, seen, (ips, bursts) = await eager.gather(
             self._baseline(login),
             self.limits.get(self._key(login, epoch, f"msgs:{index}")),
             self.limits.get(self._key(login, epoch, f"msgs:{index - 1}")),

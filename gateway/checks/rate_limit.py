@@ -7,7 +7,12 @@ At MAIL and RCPT the check only *peeks* (would this message / this recipient sti
 client learns early and rejected recipients are never charged; at end of data it *charges* every
 tier of every limit at once (all-or-nothing) for what is actually about to be relayed, and
 ``finish`` refunds the charge when the upstream did not accept the message — only accepted mail
-stays counted. Over a limit: ``450 4.7.1`` at MAIL/RCPT and ``451 4.7.1`` at end of data, naming
+stays counted. Each stage asks the limit store once (``admit``: the GCRA charges and the distinct
+recipients together, one Lua script on Redis), and nothing at all when no limit counts what the
+stage could change (RCPT with no recipient limit); a distinct-recipient refusal at end of data
+therefore charges nothing either. The limits that apply to a login, client network and sender
+domain are resolved once and reused for the next transactions until the login's time-boxed
+overrides change. Over a limit: ``450 4.7.1`` at MAIL/RCPT and ``451 4.7.1`` at end of data, naming
 the limit and the seconds until it admits the request; the verdict carries the measured value and
 the limit for the audit. A request larger than a limit's whole capacity is refused ``552 5.3.4``
 (it would never fit). Tiers come from, in order of precedence: a time-boxed override written by
@@ -28,6 +33,7 @@ import logging
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Any, Protocol
 
 from gateway.config.schema import LimitRuleConfig, LimitsConfig, TierConfig
@@ -36,7 +42,14 @@ from gateway.core import replies
 from gateway.core.errors import StoreUnavailable
 from gateway.core.model import CONTINUE, Recipient, Stage, Transaction, Verdict
 from gateway.pipeline.registry import CheckSpec
-from gateway.ratelimit.store import SEPARATOR, Charge, Decision, LimitStore, Tier
+from gateway.ratelimit.store import (
+    SEPARATOR,
+    Charge,
+    Decision,
+    DistinctCharge,
+    LimitStore,
+    Tier,
+)
 
 log = logging.getLogger("mailward.checks.rate_limit")
 
@@ -58,15 +71,36 @@ class _Limit:
     rule: LimitRuleConfig
     key: str
     tiers: tuple[Tier, ...]
+    #: one unit against every tier (a message, a recipient), built once with the limit
+    unit: tuple[Charge, ...] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "unit", tuple(Charge(self.key, t, 1) for t in self.tiers))
+
+    def charges(self, amount: int) -> tuple[Charge, ...]:
+        """``amount`` units against every tier of this limit."""
+        if amount == 1:
+            return self.unit
+        return tuple(Charge(self.key, t, amount) for t in self.tiers)
 
 
 @dataclass(slots=True)
 class _TxnState:
-    """Per transaction (``txn.check_state["rate-limit"]``): the limits that apply, and what the end
-    of data charged (refunded by ``finish`` when the upstream did not accept the message)."""
+    """Per transaction (``txn.check_state["rate-limit"]``): the limits that apply, whether any
+    of them counts recipients (else RCPT has nothing to ask), and what the end of data charged
+    (refunded by ``finish`` when the upstream did not accept the message)."""
 
-    limits: list[_Limit]
+    limits: Sequence[_Limit]
+    counts_recipients: bool
     charges: list[Charge] = field(default_factory=list)
+
+
+#: "no time-boxed override" (immutable, so it can be shared)
+_NO_OVERRIDES: Mapping[str, list[dict[str, Any]]] = MappingProxyType({})
+#: quantities a RCPT can change (a messages or bytes limit asks nothing there)
+_PER_RECIPIENT = frozenset({"recipients", "distinct-recipients"})
+#: resolved limit lists kept per (login, client IP, sender domain), at most (then started afresh)
+RESOLVED_CACHE_MAX = 10_000
 
 
 def client_key(ip: str, v4_prefix: int, v6_prefix: int) -> str:
@@ -123,12 +157,30 @@ async def resolve_limits(
 ) -> list[_Limit]:
     """The limits that apply, each with its key and its effective tiers (overrides applied).
     ``table``: the configuration's tiers built in advance (else built here)."""
-    if table is None:
-        table = TierTable.of(config)
     login = login.lower() if login else None
-    timeboxed: Mapping[str, list[dict[str, Any]]] = {}
+    timeboxed: Mapping[str, list[dict[str, Any]]] = _NO_OVERRIDES
     if login and overrides is not None:
         timeboxed = await overrides.active_overrides(login)
+    return applicable_limits(
+        config,
+        table if table is not None else TierTable.of(config),
+        timeboxed,
+        login=login,
+        client_ip=client_ip,
+        domain=domain,
+    )
+
+
+def applicable_limits(
+    config: LimitsConfig,
+    table: TierTable,
+    timeboxed: Mapping[str, list[dict[str, Any]]],
+    *,
+    login: str | None,
+    client_ip: str | None,
+    domain: str,
+) -> list[_Limit]:
+    """:func:`resolve_limits` once the time-boxed overrides of ``login`` (lower-cased) are known."""
     limits = []
     for limit_id, rule in config.rules.items():
         if rule.key == "login":
@@ -226,34 +278,57 @@ class RateLimit:
         self.store = store
         self.overrides = overrides
         self.table = TierTable.of(config)
+        # (login, client IP, domain) -> (the time-boxed overrides they were resolved with, limits)
+        self._resolved: dict[
+            tuple[str | None, str | None, str],
+            tuple[Mapping[str, list[dict[str, Any]]], tuple[_Limit, ...]],
+        ] = {}
 
     # -- which limits apply ------------------------------------------------------------------------
     async def _state(self, txn: Transaction) -> _TxnState:
         """The transaction's limits, resolved once (at its first stage) and kept for the others:
         login, client and sender are fixed for a transaction, and the override lookup is a
-        database query."""
+        database query (cached by the policy state). The resolved list is also kept for the next
+        transactions of the same login, client and sender domain, as long as the override lookup
+        answers with the same (cached) overrides."""
         state = txn.check_state.get(CHECK_ID)
         if isinstance(state, _TxnState):
             return state
         login = txn.session.login
+        login = login.lower() if login else None
+        client_ip = txn.session.client_ip
         domain = txn.mail_from.rpartition("@")[2].lower() if "@" in txn.mail_from else ""
-        limits = await resolve_limits(
-            self.config,
-            self.overrides,
-            login=login,
-            client_ip=txn.session.client_ip,
-            domain=domain,
-            table=self.table,
-        )
-        state = txn.check_state[CHECK_ID] = _TxnState(limits)
+        timeboxed: Mapping[str, list[dict[str, Any]]] = _NO_OVERRIDES
+        if login and self.overrides is not None:
+            timeboxed = await self.overrides.active_overrides(login)
+        key = (login, client_ip, domain)
+        cached = self._resolved.get(key)
+        if cached is not None and cached[0] is timeboxed:
+            limits = cached[1]
+        else:
+            limits = tuple(
+                applicable_limits(
+                    self.config,
+                    self.table,
+                    timeboxed,
+                    login=login,
+                    client_ip=client_ip,
+                    domain=domain,
+                )
+            )
+            if len(self._resolved) >= RESOLVED_CACHE_MAX:
+                self._resolved.clear()
+            self._resolved[key] = (timeboxed, limits)
+        counts_recipients = any(lim.rule.quantity in _PER_RECIPIENT for lim in limits)
+        state = txn.check_state[CHECK_ID] = _TxnState(limits, counts_recipients)
         return state
 
     # -- the check ---------------------------------------------------------------------------------
     async def evaluate(self, stage: Stage, txn: Transaction, rcpt: Recipient | None) -> Verdict:
         state = await self._state(txn)
         limits = state.limits
-        if not limits:
-            return CONTINUE
+        if not limits or (stage is Stage.RCPT and not state.counts_recipients):
+            return CONTINUE  # nothing applies (at RCPT: only recipient counts are asked)
         try:
             return await self._evaluate(stage, txn, rcpt, state)
         except StoreUnavailable as exc:
@@ -266,58 +341,57 @@ class RateLimit:
         self, stage: Stage, txn: Transaction, rcpt: Recipient | None, state: _TxnState
     ) -> Verdict:
         limits = state.limits
-        accepted = [r.address for r in txn.accepted if r is not rcpt]
+        charge = stage is Stage.DATA
+        accepted: list[str] = []  # no recipient yet at MAIL
+        members: tuple[str, ...] = ()
+        if stage is not Stage.MAIL:  # distinct recipients: those accepted, and this one
+            accepted = [r.address for r in txn.accepted if r is not rcpt]
+            members = tuple(m.lower() for m in accepted)
+            if rcpt is not None:
+                members += (rcpt.address.lower(),)
         charges: list[Charge] = []
-        distinct: list[_Limit] = []
+        distinct: list[DistinctCharge] = []
+        counted: list[_Limit] = []  # the limit of each distinct charge
         for lim in limits:
             quantity = lim.rule.quantity
             if quantity == "distinct-recipients":
-                distinct.append(lim)
+                if members:
+                    tier = lim.tiers[0]
+                    distinct.append(DistinctCharge(lim.key, members, tier.period, tier.limit))
+                    counted.append(lim)
                 continue
             if stage is Stage.MAIL:
-                amount = (
-                    1
-                    if quantity == "messages"
-                    else (txn.declared_size or 0 if quantity == "bytes" else 0)
-                )
+                if quantity == "messages":
+                    amount = 1
+                else:
+                    amount = txn.declared_size or 0 if quantity == "bytes" else 0
             elif stage is Stage.RCPT:
                 amount = len(accepted) + 1 if quantity == "recipients" else 0
+            elif quantity == "messages":
+                amount = 1
+            elif quantity == "recipients":
+                amount = len(accepted)
             else:
-                amount = {
-                    "messages": 1,
-                    "recipients": len(accepted),
-                    "bytes": txn.size or 0,
-                }[quantity]
+                amount = txn.size or 0
             if amount:
-                charges.extend(Charge(lim.key, tier, amount) for tier in lim.tiers)
-        charge = stage is Stage.DATA
-        if charges:
-            decision = await self.store.acquire(charges, dry_run=not charge)
-            if not decision.allowed:
-                return self._over(stage, decision, limits)
-        for lim in distinct:
-            members = accepted + ([rcpt.address.lower()] if rcpt is not None else [])
-            if stage is Stage.MAIL or not members:
-                continue
+                charges.extend(lim.charges(amount))
+        if not charges and not distinct:
+            return CONTINUE
+        # one store call per stage: the charges and the distinct counts, all or nothing
+        admission = await self.store.admit(charges, distinct, dry_run=not charge)
+        if not admission.decision.allowed:
+            return self._over(stage, admission.decision, limits)
+        refused = admission.refused
+        if refused >= 0:
+            lim = counted[refused]
             tier = lim.tiers[0]
-            result = await self.store.distinct(
-                lim.key,
-                [m.lower() for m in members],
-                tier.period,
-                limit=tier.limit,
-                dry_run=not charge,
-            )
-            if not result.allowed:
-                if charges and charge:
-                    await self.store.refund(charges)
-                return self._verdict(
-                    stage, lim.id, tier, result.count_after, tier.period, never=False
-                )
+            count = admission.distinct[refused].count_after
+            return self._verdict(stage, lim.id, tier, count, tier.period, never=False)
         if charge and charges:
             state.charges = charges
         return CONTINUE
 
-    def _over(self, stage: Stage, decision: Decision, limits: list[_Limit]) -> Verdict:
+    def _over(self, stage: Stage, decision: Decision, limits: Sequence[_Limit]) -> Verdict:
         limit_id = decision.tier_id.split("#", 1)[0]
         tier = next(t for lim in limits for t in lim.tiers if t.id == decision.tier_id)
         return self._verdict(

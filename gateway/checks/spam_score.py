@@ -304,11 +304,17 @@ class SpamScore:
         except MessageTooComplex as exc:
             return Verdict.reject(replies.MESSAGE_TOO_COMPLEX, f"MIME bounds: {exc}")
         score = scan.score
-        action = self.engine.ruleset.actions.action_for(score)
+        result = scan.result
+        # the engine mapped its own score already (same rule set): reuse it unless a symbol of ours
+        # or rspamd's changed the total
+        if score == result.score:
+            action = result.action
+        else:
+            action = self.engine.ruleset.actions.action_for(score)
+        if action is SpamAction.ACCEPT:
+            return CONTINUE  # (the common case: no reason or evidence to build)
         reason = f"score {score:g}: {_listing(scan)}"
         evidence = {"measured": f"{score:g}", "limit": self._threshold(action)}
-        if action is SpamAction.ACCEPT:
-            return CONTINUE
         header = (spam_header(score, scan.symbols, scan.info),)
         if action is SpamAction.ADD_HEADER:
             log.info("txn=%s spam %s", txn.id, reason)

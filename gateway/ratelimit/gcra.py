@@ -27,6 +27,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 EPSILON = 1e-9
 """Units: a level this close to a boundary counts as on it (absorbs float noise)."""
@@ -58,8 +59,7 @@ def refunded(level: float, amount: int) -> float:
     return level if level > EPSILON else 0.0
 
 
-@dataclass(frozen=True, slots=True)
-class Step:
+class Step(NamedTuple):
     """One charge of a request: ``amount`` units against bucket ``name`` of the given shape."""
 
     name: str
@@ -68,8 +68,7 @@ class Step:
     amount: int
 
 
-@dataclass(frozen=True, slots=True)
-class StepResult:
+class StepResult(NamedTuple):
     """Per charge, when the request is allowed: whole units left and seconds until empty."""
 
     remaining: int
@@ -103,9 +102,10 @@ class Plan:
         return self.denial is None
 
 
-def plan(steps: Sequence[Step], level_of: Callable[[Step], float]) -> Plan:
+def plan(steps: Sequence[Step], level_of: Callable[[Step], float], *, report: bool = True) -> Plan:
     """Evaluate an all-or-nothing request. ``level_of(step)`` is the bucket's current (drained)
-    level; it is asked once per distinct bucket name."""
+    level; it is asked once per distinct bucket name. ``report=False``: leave ``results`` empty
+    (the caller only needs the decision and the levels to write)."""
     levels: dict[str, float] = {}
     initial: dict[str, float] = {}
     asked: dict[str, int] = {}
@@ -114,29 +114,34 @@ def plan(steps: Sequence[Step], level_of: Callable[[Step], float]) -> Plan:
     denial: Denial | None = None
     retry = 0.0
     never = False
+    floor = math.floor
     for index, step in enumerate(steps):
-        level = levels.get(step.name)
+        name, interval, capacity, amount = step
+        level = levels.get(name)
         if level is None:
-            level = initial[step.name] = level_of(step)
-        after = level + step.amount
-        levels[step.name] = after
-        asked[step.name] = asked.get(step.name, 0) + step.amount
-        ttls[step.name] = after * step.interval
-        if after > step.capacity + EPSILON:
-            if asked[step.name] > step.capacity:
+            level = initial[name] = level_of(step)
+            total = asked[name] = amount
+        else:
+            total = asked[name] = asked[name] + amount
+        after = level + amount
+        levels[name] = after
+        ttls[name] = after * interval
+        if after > capacity + EPSILON:
+            if total > capacity:
                 never = True
-            retry = max(retry, (after - step.capacity) * step.interval)
+            retry = max(retry, (after - capacity) * interval)
             if denial is None:
                 denial = Denial(
                     index=index,
                     measured=math.ceil(after - EPSILON),
-                    capacity=step.capacity,
+                    capacity=capacity,
                     retry_after=0.0,
-                    reset_after=initial[step.name] * step.interval,
+                    reset_after=initial[name] * interval,
                     never=False,
                 )
-        else:
-            results.append(StepResult(remaining(after, step.capacity), after * step.interval))
+        elif report and denial is None:  # (after a denial the results are not reported)
+            # remaining(after, capacity), inlined
+            results.append(StepResult(max(0, floor(capacity - after + EPSILON)), after * interval))
     if denial is not None:
         denial = Denial(
             index=denial.index,

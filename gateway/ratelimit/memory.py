@@ -2,9 +2,10 @@
 
 What it does: implements :class:`~gateway.ratelimit.store.LimitStore` in a dict, with the same
 semantics as the Redis store (the contract tests run against both): GCRA buckets via
-:func:`gateway.ratelimit.gcra.plan`, distinct members in a sliding window, fixed-window counters
-and flags. Every method runs without awaiting anything, so on one event loop each call is atomic
-(no locks needed; the store is not thread-safe and belongs to one loop).
+:func:`gateway.ratelimit.gcra.plan`, distinct members in a sliding window, both at once
+(``admit``), fixed-window counters and flags. Every method runs without awaiting anything, so
+on one event loop each call is atomic (no locks needed; the store is not thread-safe and belongs
+to one loop), and a check using it never waits (the pipeline then sets no timer for it).
 
 Memory is bounded: every entry has an expiry (a bucket: when it is empty again; a distinct set:
 ``window`` after its newest member; a counter: ``window`` after its creation; a flag: its ttl). A
@@ -30,14 +31,17 @@ from typing import TypeVar
 
 from gateway.ratelimit import gcra
 from gateway.ratelimit.store import (
+    Admission,
     Charge,
     Decision,
+    DistinctCharge,
     DistinctResult,
     Remaining,
     StoredEntry,
     Tier,
     TierUsage,
     bucket_name,
+    check_admission,
     check_amount,
     check_key,
     check_limit,
@@ -49,6 +53,9 @@ from gateway.ratelimit.store import (
     kind_of,
     matches_prefix,
 )
+
+#: an allowed decision without ``remaining`` (what admit answers; immutable, so shared)
+_ALLOWED = Decision(True)
 
 SWEEP_BUDGET = 256
 """Expired heap entries handled per call at most (keeps any one call short)."""
@@ -187,15 +194,18 @@ class MemoryLimitStore:
             bucket.level, bucket.updated, bucket.expires = level, now, now + ttl
 
     # -- GCRA -------------------------------------------------------------------------------------
-    async def acquire(self, charges: Sequence[Charge], *, dry_run: bool = False) -> Decision:
-        if not charges:
-            return Decision(True)
-        now = self._now()
+    def _plan(
+        self, charges: Sequence[Charge], now: float, *, report: bool = True
+    ) -> tuple[Decision, gcra.Plan]:
+        """What acquiring ``charges`` now would do (nothing is written); ``report=False``: an
+        allowed decision without ``remaining``."""
         steps = [
             gcra.Step(bucket_name(c.key, c.tier.id), c.tier.interval, c.tier.capacity, c.amount)
             for c in charges
         ]
-        result = gcra.plan(steps, lambda step: self._level(step.name, step.interval, now))
+        result = gcra.plan(
+            steps, lambda step: self._level(step.name, step.interval, now), report=report
+        )
         denial = result.denial
         if denial is not None:
             denied = charges[denial.index]
@@ -209,17 +219,68 @@ class MemoryLimitStore:
                 retry_after=denial.retry_after,
                 reset_after=denial.reset_after,
                 never=denial.never,
-            )
-        if not dry_run:
-            for name, level in result.levels.items():
-                self._write_level(name, level, result.ttls[name], now)
+            ), result
+        if not report:
+            return _ALLOWED, result
         return Decision(
             True,
             remaining=tuple(
                 Remaining(c.key, c.tier.id, r.remaining, r.reset_after)
                 for c, r in zip(charges, result.results, strict=True)
             ),
-        )
+        ), result
+
+    def _charge(self, result: gcra.Plan, now: float) -> None:
+        for name, level in result.levels.items():
+            self._write_level(name, level, result.ttls[name], now)
+
+    async def acquire(self, charges: Sequence[Charge], *, dry_run: bool = False) -> Decision:
+        if not charges:
+            return Decision(True)
+        now = self._now()
+        decision, result = self._plan(charges, now)
+        if decision.allowed and not dry_run:
+            self._charge(result, now)
+        return decision
+
+    async def admit(
+        self,
+        charges: Sequence[Charge],
+        distinct: Sequence[DistinctCharge] = (),
+        *,
+        dry_run: bool = False,
+    ) -> Admission:
+        if not distinct:  # (the common case, without the distinct bookkeeping)
+            if not charges:
+                return Admission(_ALLOWED)
+            now = self._now()
+            decision, acquired = self._plan(charges, now, report=False)
+            if decision.allowed and not dry_run:
+                self._charge(acquired, now)
+            return Admission(decision)
+        check_admission(distinct)
+        hashed = [hashed_members(d.key, d.members) for d in distinct]
+        now = self._now()
+        plan: gcra.Plan | None = None
+        decision = _ALLOWED
+        if charges:
+            decision, plan = self._plan(charges, now, report=False)
+            if not decision.allowed:
+                return Admission(decision)
+        results: list[DistinctResult] = []
+        entries: list[_Distinct | None] = []
+        for d, hashes in zip(distinct, hashed, strict=True):
+            entry, result = self._count(distinct_name(d.key), hashes, float(d.window), d.limit, now)
+            results.append(result)
+            if not result.allowed:  # nothing is recorded, nothing charged
+                return Admission(decision, tuple(results))
+            entries.append(entry)
+        if not dry_run:
+            if plan is not None:
+                self._charge(plan, now)
+            for d, hashes, entry in zip(distinct, hashed, entries, strict=True):
+                self._record(distinct_name(d.key), entry, hashes, float(d.window), now)
+        return Admission(decision, tuple(results))
 
     async def refund(self, charges: Sequence[Charge]) -> None:
         now = self._now()
@@ -255,6 +316,40 @@ class MemoryLimitStore:
         return live
 
     # -- distinct members -------------------------------------------------------------------------
+    def _count(
+        self, name: str, hashes: list[bytes], window: float, limit: int | None, now: float
+    ) -> tuple[_Distinct | None, DistinctResult]:
+        """The set ``name`` with the members older than ``window`` dropped (None: empty), and what
+        recording ``hashes`` now would give (nothing is recorded)."""
+        entry = self._get(name, _Distinct, now)
+        if entry is not None:
+            seen = entry.seen
+            cutoff = now - window
+            while seen and next(iter(seen.values())) <= cutoff:
+                seen.popitem(last=False)
+            if not seen:
+                del self._data[name]
+                entry = None
+        count = len(entry.seen) if entry is not None else 0
+        new = sum(1 for h in hashes if entry is None or h not in entry.seen)
+        after = count + new
+        if limit is not None and new > 0 and after > limit:
+            return entry, DistinctResult(after, False, 0)
+        return entry, DistinctResult(after, True, new)
+
+    def _record(
+        self, name: str, entry: _Distinct | None, hashes: list[bytes], window: float, now: float
+    ) -> None:
+        if not hashes:
+            return
+        if entry is None or self._data.get(name) is not entry:  # (evicted meanwhile: store full)
+            entry = _Distinct(now + window)
+            self._put(name, entry, now)
+        for h in hashes:
+            entry.seen[h] = now
+            entry.seen.move_to_end(h)
+        entry.expires = now + window
+
     async def distinct(
         self,
         key: str,
@@ -269,30 +364,10 @@ class MemoryLimitStore:
         check_limit(limit)
         hashes = hashed_members(key, members)
         now = self._now()
-        entry = self._get(name, _Distinct, now)
-        if entry is not None:
-            seen = entry.seen
-            cutoff = now - window
-            while seen and next(iter(seen.values())) <= cutoff:
-                seen.popitem(last=False)
-            if not seen:
-                del self._data[name]
-                entry = None
-        count = len(entry.seen) if entry is not None else 0
-        new = sum(1 for h in hashes if entry is None or h not in entry.seen)
-        after = count + new
-        if limit is not None and new > 0 and after > limit:
-            return DistinctResult(after, False, 0)
-        if dry_run or not hashes:
-            return DistinctResult(after, True, new)
-        if entry is None:
-            entry = _Distinct(now + window)
-            self._put(name, entry, now)
-        for h in hashes:
-            entry.seen[h] = now
-            entry.seen.move_to_end(h)
-        entry.expires = now + window
-        return DistinctResult(after, True, new)
+        entry, result = self._count(name, hashes, window, limit, now)
+        if result.allowed and not dry_run:
+            self._record(name, entry, hashes, window, now)
+        return result
 
     # -- counters and flags -----------------------------------------------------------------------
     async def incr(self, key: str, amount: int, window: float) -> int:

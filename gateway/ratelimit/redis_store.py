@@ -3,7 +3,8 @@
 What it does: implements :class:`~gateway.ratelimit.store.LimitStore` on Redis (>= 5) with one
 atomic Lua script per operation, registered once and called with EVALSHA (re-loaded on NOSCRIPT):
 ``acquire`` charges all its buckets in one script call (a port of
-:func:`gateway.ratelimit.gcra.plan`), ``refund``, ``usage`` (reads), ``distinct`` (a sorted set
+:func:`gateway.ratelimit.gcra.plan`), ``admit`` does acquire's and distinct's work in one script
+(all or nothing), ``refund``, ``usage`` (reads), ``distinct`` (a sorted set
 scored by time: prune, count, add) and ``incr`` (create-with-expiry then add). Flags are single
 commands (``SET .. PX`` / ``PTTL``), atomic by themselves. Every script reads the clock with
 ``redis.call('TIME')``: all instances share the Redis server's clock, never their own.
@@ -18,8 +19,9 @@ single primary, with Sentinel or a managed failover if needed).
 Throughput: script calls are pipelined. A call is queued; up to ``PIPELINES`` (4) senders each
 take up to ``BATCH`` (128) waiting calls and send them in one pipeline (one write, one read), so
 under load the per-call cost of redis-py (encoding, syscalls, event-loop turns) is shared by many
-calls; each script still runs atomically on its own. Acquire and refund pass their charges as one
-argument and get one string back (one reply line). A caller waits at most two ``timeout`` s for
+calls; each script still runs atomically on its own. Acquire, admit and refund pass their charges
+as one argument and get one string back (one reply line; admit's member hashes follow as
+arguments of their own). A caller waits at most two ``timeout`` s for
 its answer; one cancelled before its call was sent withdraws it (nothing is charged). Other
 commands (flags, counters' reads) go straight through a pool of at most ``max_connections``
 (default 64, RESP2), which a FIFO semaphore guards so that callers queue fairly.
@@ -58,8 +60,10 @@ from redis.exceptions import NoScriptError, RedisError
 
 from gateway.ratelimit import gcra
 from gateway.ratelimit.store import (
+    Admission,
     Charge,
     Decision,
+    DistinctCharge,
     DistinctResult,
     LimitStoreUnavailable,
     Remaining,
@@ -67,6 +71,7 @@ from gateway.ratelimit.store import (
     Tier,
     TierUsage,
     bucket_name,
+    check_admission,
     check_amount,
     check_key,
     check_limit,
@@ -169,6 +174,111 @@ return table.concat(out, ' ')
 """
 )
 
+ADMIT_LUA = (
+    _PRELUDE
+    + """
+-- admit: acquire's GCRA charges and distinct's member sets in one all-or-nothing call (the
+-- GCRA part is ACQUIRE_LUA's loop, the sets DISTINCT_LUA's, both writing only at the end).
+-- KEYS[1..n]: the buckets of the n charges; KEYS[n+1..]: the distinct sets (each once).
+-- ARGV[1]: words "<dry> <n> <interval_1> <capacity_1> <amount_1> ..." (dry: 1 = dry run);
+-- ARGV[2]: words "<window_1> <limit_1> <members_1> ..." per set (limit -1: none; members: how
+--          many of the following hashes are the set's); ARGV[3..]: the member hashes, set by set.
+-- Returns one string: charges denied: acquire's "0 ..." denial, nothing written; else
+-- "1 <count_after_1> <allowed_1> <added_1> ...", the sets up to the first one its limit refused
+-- (allowed 0: then nothing is written); written unless dry run.
+local a = {}
+for w in string.gmatch(ARGV[1], '%S+') do a[#a + 1] = w end
+local n = tonumber(a[2])
+local levels, initial, asked, ttls = {}, {}, {}, {}
+local out = {'1'}
+local denied = nil
+local retry = 0
+local never = false
+for i = 1, n do
+  local k = KEYS[i]
+  local interval = tonumber(a[3 * i])
+  local capacity = tonumber(a[3 * i + 1])
+  local amount = tonumber(a[3 * i + 2])
+  local level = levels[k]
+  if level == nil then
+    level = level_of(k, interval)
+    initial[k] = level
+  end
+  local after = level + amount
+  levels[k] = after
+  asked[k] = (asked[k] or 0) + amount
+  ttls[k] = after * interval
+  if after > capacity + EPS then
+    if asked[k] > capacity then never = true end
+    local wait = (after - capacity) * interval
+    if wait > retry then retry = wait end
+    if denied == nil then
+      denied = {'0', i - 1, fmt(math.ceil(after - EPS)), fmt(capacity), '0',
+                fmt(initial[k] * interval), '0'}
+    end
+  end
+end
+if denied ~= nil then
+  if never then
+    denied[5] = fmt(math.huge)
+    denied[7] = '1'
+  else
+    denied[5] = fmt(retry)
+  end
+  return table.concat(denied, ' ')
+end
+local d = {}
+for w in string.gmatch(ARGV[2], '%S+') do d[#d + 1] = w end
+local sets = {}
+local pos = 3
+for j = 1, #KEYS - n do
+  local k = KEYS[n + j]
+  local window = tonumber(d[3 * j - 2])
+  local limit = tonumber(d[3 * j - 1])
+  local count_members = tonumber(d[3 * j])
+  redis.call('ZREMRANGEBYSCORE', k, '-inf', fmt(now - window))
+  local count = redis.call('ZCARD', k)
+  local new = 0
+  for i = pos, pos + count_members - 1 do
+    if not redis.call('ZSCORE', k, ARGV[i]) then new = new + 1 end
+  end
+  local after = count + new
+  if limit >= 0 and new > 0 and after > limit then
+    out[#out + 1] = fmt(after)
+    out[#out + 1] = '0'
+    out[#out + 1] = '0'
+    return table.concat(out, ' ')
+  end
+  out[#out + 1] = fmt(after)
+  out[#out + 1] = '1'
+  out[#out + 1] = fmt(new)
+  sets[j] = {k, window, pos, count_members}
+  pos = pos + count_members
+end
+if a[1] ~= '1' then
+  write(levels, ttls)
+  local score = fmt(now)
+  for j = 1, #sets do
+    local k, window, first, count_members = unpack(sets[j])
+    if count_members > 0 then
+      local batch = {}
+      for i = first, first + count_members - 1 do
+        batch[#batch + 1] = score
+        batch[#batch + 1] = ARGV[i]
+        if #batch >= 1000 then
+          redis.call('ZADD', k, unpack(batch))
+          batch = {}
+        end
+      end
+      if #batch > 0 then redis.call('ZADD', k, unpack(batch)) end
+      redis.call('PEXPIRE', k, math.max(1, math.ceil(window * 1000)))
+    end
+  end
+end
+return table.concat(out, ' ')
+"""
+)
+
 REFUND_LUA = (
     _PRELUDE
     + """
@@ -238,6 +348,9 @@ INCR_LUA = """
 redis.call('SET', KEYS[1], 0, 'PX', ARGV[2], 'NX')
 return redis.call('INCRBY', KEYS[1], ARGV[1])
 """
+
+#: an allowed decision without ``remaining`` (what admit answers; immutable, so shared)
+_ALLOWED = Decision(True)
 
 PIPELINES = 4
 """Pipelines in flight at once; calls arriving meanwhile wait and go out together in the next."""
@@ -320,6 +433,7 @@ class RedisLimitStore:
         )
         self._redis: Redis = Redis.from_pool(pool)
         self._acquire = self._redis.register_script(ACQUIRE_LUA)
+        self._admit = self._redis.register_script(ADMIT_LUA)
         self._refund = self._redis.register_script(REFUND_LUA)
         self._usage = self._redis.register_script(USAGE_LUA)
         self._distinct = self._redis.register_script(DISTINCT_LUA)
@@ -455,7 +569,11 @@ class RedisLimitStore:
         for c in charges:
             words += (repr(c.tier.interval), str(c.tier.capacity), str(c.amount))
         reply = await self._eval("acquire", self._acquire, keys, [" ".join(words)])
-        r = self._words("acquire", reply)
+        return self._decision(charges, self._words("acquire", reply))
+
+    @staticmethod
+    def _decision(charges: Sequence[Charge], r: list[bytes]) -> Decision:
+        """The Decision in the words of acquire's reply (``r[0]``: 1 allowed, 0 denied)."""
         if r[0] == b"0":
             index = int(r[1])
             denied = charges[index]
@@ -475,6 +593,41 @@ class RedisLimitStore:
             remaining=tuple(
                 Remaining(c.key, c.tier.id, int(float(r[1 + 2 * i])), float(r[2 + 2 * i]))
                 for i, c in enumerate(charges)
+            ),
+        )
+
+    async def admit(
+        self,
+        charges: Sequence[Charge],
+        distinct: Sequence[DistinctCharge] = (),
+        *,
+        dry_run: bool = False,
+    ) -> Admission:
+        check_admission(distinct)
+        if not distinct:  # the same call, as one script: acquire's
+            decision = await self.acquire(charges, dry_run=dry_run)
+            return Admission(decision if not decision.allowed else _ALLOWED)
+        hashed = [hashed_members(d.key, d.members) for d in distinct]
+        keys = [self._key(bucket_name(c.key, c.tier.id)) for c in charges]
+        keys += [self._key(distinct_name(d.key)) for d in distinct]
+        words = ["1" if dry_run else "0", str(len(charges))]
+        for c in charges:
+            words += (repr(c.tier.interval), str(c.tier.capacity), str(c.amount))
+        sets = " ".join(
+            f"{float(d.window)!r} {-1 if d.limit is None else d.limit} {len(h)}"
+            for d, h in zip(distinct, hashed, strict=True)
+        )
+        members = [m for h in hashed for m in h]
+        reply = await self._eval("admit", self._admit, keys, [" ".join(words), sets, *members])
+        r = self._words("admit", reply)
+        if r[0] == b"0":
+            return Admission(self._decision(charges, r))
+        counts = r[1:]
+        return Admission(
+            _ALLOWED,
+            tuple(
+                DistinctResult(int(float(counts[i])), counts[i + 1] == b"1", int(counts[i + 2]))
+                for i in range(0, len(counts), 3)
             ),
         )
 

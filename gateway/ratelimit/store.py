@@ -5,7 +5,9 @@ MemoryLimitStore` and :class:`~gateway.ratelimit.redis_store.RedisLimitStore` im
 identical by one contract test suite) and its value types: :class:`Tier` (a GCRA rate: ``limit``
 per ``period`` seconds with an optional ``burst``), :class:`Charge` (an amount against one tier of
 one key), :class:`Decision` (the answer to an all-or-nothing acquire), :class:`TierUsage`,
-:class:`DistinctResult`. Stores *count only*; the checks decide what a denial means.
+:class:`DistinctResult`, and for :meth:`LimitStore.admit` (GCRA charges and distinct-member counts
+in one atomic call: what a rate-limit check asks at one SMTP stage) :class:`DistinctCharge` and
+:class:`Admission`. Stores *count only*; the checks decide what a denial means.
 
 It also fixes how a caller's key becomes a stored name (shared by both stores, so that ``reset``
 and the key layout are the same everywhere)::
@@ -162,6 +164,61 @@ class DistinctResult:
 
 
 @dataclass(frozen=True, slots=True)
+class DistinctCharge:
+    """``members`` seen now under ``key``, counted over the last ``window`` seconds, refused when
+    new members would take the count beyond ``limit`` (None: no limit): one :meth:`LimitStore.
+    distinct` call, as part of an :meth:`LimitStore.admit`. The caller normalises the members."""
+
+    key: str
+    members: tuple[str, ...]
+    window: float
+    limit: int | None = None
+
+    def __post_init__(self) -> None:
+        _check_key(self.key)
+        if isinstance(self.members, str):
+            raise ValueError("members must be a sequence of strings, not one string")
+        check_window(self.window)
+        check_limit(self.limit)
+
+
+@dataclass(frozen=True, slots=True)
+class Admission:
+    """The answer to :meth:`LimitStore.admit`.
+
+    ``decision``: the GCRA charges' :class:`Decision`, as :meth:`LimitStore.acquire` gives it,
+    except that an allowed one carries no ``remaining`` (admit answers whether the request fits;
+    what is left is :meth:`LimitStore.acquire`'s or :meth:`LimitStore.usage`'s answer).
+    ``distinct``: when the charges fit, one
+    :class:`DistinctResult` per distinct charge, in order, up to and including the first one its
+    limit refused (then nothing at all was recorded); empty when the charges were denied (then no
+    distinct set was looked at)."""
+
+    decision: Decision
+    distinct: tuple[DistinctResult, ...] = ()
+
+    @property
+    def allowed(self) -> bool:
+        """Everything fit (and, unless it was a dry run, everything was recorded)."""
+        return self.decision.allowed and all(r.allowed for r in self.distinct)
+
+    @property
+    def refused(self) -> int:
+        """The index of the distinct charge that was refused, or -1."""
+        for i, r in enumerate(self.distinct):
+            if not r.allowed:
+                return i
+        return -1
+
+
+def check_admission(distinct: Sequence[DistinctCharge]) -> None:
+    """``admit`` arguments: each distinct key at most once (a key's members go in one charge)."""
+    keys = [d.key for d in distinct]
+    if len(set(keys)) != len(keys):
+        raise ValueError("admit: a distinct key may appear only once per call")
+
+
+@dataclass(frozen=True, slots=True)
 class StoredEntry:
     """What a store holds under one name (for diagnostics and tests: ``inspect()``).
 
@@ -181,6 +238,21 @@ class LimitStore(Protocol):
     async def acquire(self, charges: Sequence[Charge], *, dry_run: bool = False) -> Decision:
         """Charge every charge, or none: atomic across all of them (keys and tiers). A denial
         names the first denying charge. ``dry_run`` evaluates without charging (a peek)."""
+        ...
+
+    async def admit(
+        self,
+        charges: Sequence[Charge],
+        distinct: Sequence[DistinctCharge] = (),
+        *,
+        dry_run: bool = False,
+    ) -> Admission:
+        """:meth:`acquire` ``charges`` and record every :class:`DistinctCharge` as
+        :meth:`distinct` would, all in one atomic call: everything or nothing. The charges are
+        judged first (a denial names the first denying charge, as ``acquire``'s; no distinct set
+        is looked at); then the distinct charges in order, the first one its limit refuses
+        refusing the whole call. ``dry_run`` evaluates without recording (a peek). Each distinct
+        key may appear once."""
         ...
 
     async def refund(self, charges: Sequence[Charge]) -> None:

@@ -21,6 +21,7 @@ from gateway.ratelimit.memory import MemoryLimitStore
 from gateway.ratelimit.redis_store import RedisLimitStore
 from gateway.ratelimit.store import (
     Charge,
+    DistinctCharge,
     LimitStore,
     LimitStoreUnavailable,
     Tier,
@@ -275,6 +276,119 @@ async def test_distinct_members_are_stored_hashed(limit_store: LimitStore) -> No
     assert hash_member(key, address) != hash_member("fp:other", address)
 
 
+# -- admit: GCRA charges and distinct counts in one call -------------------------------------------
+
+
+async def test_admit_without_distinct_is_acquire(limit_store: LimitStore) -> None:
+    tier = Tier("t", 2, HOUR)
+    for _ in range(2):
+        a = await limit_store.admit(one("k", tier))
+        assert a.allowed and a.distinct == () and a.refused == -1
+        assert a.decision.remaining == ()  # admit says whether; usage() says what is left
+    assert [u.remaining for u in await limit_store.usage("k", [tier])] == [0]
+    a = await limit_store.admit(one("k", tier))
+    assert not a.allowed and a.distinct == ()
+    assert (a.decision.key, a.decision.tier_id, a.decision.measured, a.decision.limit) == (
+        "k",
+        "t",
+        3,
+        2,
+    )
+    nothing = await limit_store.admit([])
+    assert nothing.allowed and nothing.decision.remaining == () and nothing.distinct == ()
+
+
+async def test_admit_charges_and_records_together(limit_store: LimitStore) -> None:
+    tier = Tier("t", 10, HOUR)
+    rcpts = DistinctCharge("login:a", ("a@x.test", "b@x.test"), 60.0, 5)
+    ips = DistinctCharge("login:a:ips", ("192.0.2.1",), 60.0)
+    a = await limit_store.admit(one("login:a", tier, 2), [rcpts, ips])
+    assert a.allowed and a.refused == -1
+    assert [(r.count_after, r.allowed, r.added) for r in a.distinct] == [(2, True, 2), (1, True, 1)]
+    [u] = await limit_store.usage("login:a", [tier])
+    assert u.used == 2
+    # the same as distinct() would have recorded
+    assert (await limit_store.distinct("login:a", [], 60.0)).count_after == 2
+    assert (await limit_store.distinct("login:a:ips", ["192.0.2.1"], 60.0)).added == 0
+
+
+async def test_admit_is_all_or_nothing(limit_store: LimitStore) -> None:
+    tier = Tier("t", 10, HOUR)
+    await limit_store.distinct("login:a", ["a@x.test", "b@x.test"], 60.0)
+    first = DistinctCharge("other", ("z@x.test",), 60.0, 10)
+    over = DistinctCharge("login:a", ("c@x.test", "a@x.test"), 60.0, 2)
+    later = DistinctCharge("later", ("y@x.test",), 60.0)
+    a = await limit_store.admit(one("login:a", tier, 3), [first, over, later])
+    assert not a.allowed and a.decision.allowed and a.refused == 1
+    # up to the refused one; its count is the one it would have reached; the next is not looked at
+    assert [(r.count_after, r.allowed, r.added) for r in a.distinct] == [
+        (1, True, 1),
+        (3, False, 0),
+    ]
+    [u] = await limit_store.usage("login:a", [tier])
+    assert u.used == 0  # the charge was not made
+    for key in ("other", "later"):  # nor any member recorded, before or after the refused set
+        assert (await limit_store.distinct(key, [], 60.0)).count_after == 0, key
+    assert (await limit_store.distinct("login:a", [], 60.0)).count_after == 2
+    # known members always pass, and then everything is recorded
+    known = DistinctCharge("login:a", ("a@x.test",), 60.0, 2)
+    assert (await limit_store.admit(one("login:a", tier, 3), [first, known])).allowed
+    assert [u.used for u in await limit_store.usage("login:a", [tier])] == [3]
+    assert (await limit_store.distinct("other", [], 60.0)).count_after == 1
+
+
+async def test_admit_denied_charges_leave_the_sets_alone(limit_store: LimitStore) -> None:
+    tier = Tier("t", 1, HOUR)
+    assert (await limit_store.acquire(one("k", tier))).allowed
+    rcpts = DistinctCharge("k", ("a@x.test",), 60.0)
+    a = await limit_store.admit(one("k", tier), [rcpts])
+    assert not a.allowed and not a.decision.allowed and a.distinct == () and a.refused == -1
+    assert (a.decision.index, a.decision.measured, a.decision.limit) == (0, 2, 1)
+    assert (await limit_store.distinct("k", [], 60.0)).count_after == 0
+
+
+async def test_admit_dry_run_records_nothing(limit_store: LimitStore) -> None:
+    tier = Tier("t", 3, HOUR)
+    rcpts = DistinctCharge("k", ("a@x.test", "b@x.test"), 60.0, 2)
+    for _ in range(3):
+        a = await limit_store.admit(one("k", tier, 3), [rcpts], dry_run=True)
+        assert a.allowed and [(r.count_after, r.added) for r in a.distinct] == [(2, 2)]
+    [u] = await limit_store.usage("k", [tier])
+    assert u.used == 0
+    assert (await limit_store.distinct("k", [], 60.0)).count_after == 0
+    over = DistinctCharge("k", ("a@x.test", "b@x.test", "c@x.test"), 60.0, 2)
+    a = await limit_store.admit([], [over], dry_run=True)
+    assert not a.allowed and a.refused == 0 and a.distinct[0].count_after == 3
+    assert a.decision.allowed and a.decision.remaining == ()
+    stored = await limit_store.inspect()  # type: ignore[attr-defined]
+    assert stored == {}
+
+
+async def test_admit_keys_expire_like_their_calls(limit_store: LimitStore) -> None:
+    tier = Tier("t", 10, 100.0)  # 10 s per unit
+    rcpts = DistinctCharge("k", ("m1", "m2"), 7.0)
+    assert (await limit_store.admit(one("k", tier, 3), [rcpts])).allowed
+    stored = await limit_store.inspect()  # type: ignore[attr-defined]
+    assert {name: e.kind for name, e in stored.items()} == {"k|g:t": "bucket", "k|d": "distinct"}
+    assert stored["k|g:t"].ttl == pytest.approx(30.0, abs=0.5)
+    assert stored["k|d"].ttl == pytest.approx(7.0, abs=0.5)
+    assert hash_member("k", "m1") in stored["k|d"].data  # hashed, as distinct() stores them
+
+
+async def test_concurrent_admits_never_over_admit(limit_store: LimitStore) -> None:
+    tier = Tier("t", 1000, HOUR)
+    admissions = await asyncio.gather(
+        *(
+            limit_store.admit(one("k", tier), [DistinctCharge("k", (f"r{i}@x.test",), 60.0, 25)])
+            for i in range(100)
+        )
+    )
+    assert sum(a.allowed for a in admissions) == 25
+    assert (await limit_store.distinct("k", [], 60.0)).count_after == 25
+    [u] = await limit_store.usage("k", [tier])
+    assert u.used == 25  # only the admitted ones were charged
+
+
 # -- counters and flags ---------------------------------------------------------------------------
 
 
@@ -417,6 +531,10 @@ async def test_invalid_arguments_raise_before_any_io(limit_store: LimitStore) ->
         lambda: Tier("t", 1, 1.0, burst=0),
         lambda: Charge("k", Tier("t", 1, 1.0), -1),
         lambda: Charge("", Tier("t", 1, 1.0), 1),
+        lambda: DistinctCharge("", ("a",), 60.0),
+        lambda: DistinctCharge("k", "a@x.test", 60.0),  # type: ignore[arg-type]
+        lambda: DistinctCharge("k", ("a",), 0.0),
+        lambda: DistinctCharge("k", ("a",), 60.0, -1),
     ):
         with pytest.raises(ValueError):
             bad()
@@ -424,6 +542,9 @@ async def test_invalid_arguments_raise_before_any_io(limit_store: LimitStore) ->
         await limit_store.distinct("k", "a@x.test", 60.0)  # a string is not a list of members
     with pytest.raises(ValueError):
         await limit_store.distinct("k", ["a"], 0.0)
+    twice = [DistinctCharge("k", ("a",), 60.0), DistinctCharge("k", ("b",), 60.0)]
+    with pytest.raises(ValueError):  # one key, one charge
+        await limit_store.admit([], twice)
     with pytest.raises(ValueError):
         await limit_store.incr("k", -1, 60.0)
     with pytest.raises(ValueError):
@@ -442,6 +563,7 @@ async def test_unreachable_redis_raises_promptly() -> None:
         lambda: store.usage("k", [tier]),
         lambda: store.reset("k"),
         lambda: store.distinct("k", ["a"], 60.0),
+        lambda: store.admit(one("k", tier), [DistinctCharge("k", ("a",), 60.0)]),
         lambda: store.incr("k", 1, 60.0),
         lambda: store.get("k"),
         lambda: store.set_flag("k", 1.0),

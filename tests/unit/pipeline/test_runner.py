@@ -303,6 +303,59 @@ async def test_cancellation_is_not_swallowed() -> None:
         await task
 
 
+async def test_an_exception_after_waiting_never_fails_open() -> None:
+    broken = FakeCheck("broken", error=RuntimeError(LEAK), delay=0.01)
+    txn = transaction()
+    verdict = await pipeline(configured(broken)).run(Stage.MAIL, txn)
+    assert verdict.action is Action.DEFER
+    assert verdict.reply is not None and verdict.reply.code == 451
+    assert "hunter2" not in only_record(txn).reason
+
+
+async def test_checks_that_never_wait_run_without_turning_the_event_loop() -> None:
+    """Checks that finish at once (most of them, every message) run within the caller's turn of
+    the event loop: no task, no extra turn; warn-mode records still made."""
+    turned: list[bool] = []
+    asyncio.get_running_loop().call_soon(turned.append, True)
+    calls: list[str] = []
+    txn = transaction()
+    verdict = await pipeline(
+        configured(FakeCheck("a", calls=calls)),
+        configured(FakeCheck("b", REJECT, calls=calls), Mode.WARN),
+        configured(FakeCheck("c", calls=calls)),
+    ).run(Stage.MAIL, txn)
+    assert verdict is CONTINUE
+    assert calls == ["a", "b", "c"]
+    assert [r.check_id for r in txn.verdicts] == ["b"]
+    assert turned == []
+
+
+class BusyThenWaiting:
+    """Works ``busy`` seconds without yielding, then waits ``wait`` seconds."""
+
+    id = "busy"
+    stages = ALL_STAGES
+
+    def __init__(self, busy: float, wait: float) -> None:
+        self.busy, self.wait = busy, wait
+
+    async def evaluate(self, stage: Stage, txn: Transaction, rcpt: Recipient | None) -> Verdict:
+        time.sleep(self.busy)  # e.g. CPU work before the first await
+        await asyncio.sleep(self.wait)
+        return CONTINUE
+
+
+async def test_a_check_s_timeout_counts_from_its_start_not_from_its_first_wait() -> None:
+    txn = transaction()
+    check = ConfiguredCheck(BusyThenWaiting(0.15, 0.01), Mode.ENFORCE, 0.1, OnError.DEFER)
+    verdict = await Pipeline({Stage.MAIL: [check]}).run(Stage.MAIL, txn)
+    assert verdict.action is Action.DEFER
+    assert "timed out" in only_record(txn).reason
+    # within its timeout from the start, the same check passes
+    relaxed = ConfiguredCheck(BusyThenWaiting(0.0, 0.01), Mode.ENFORCE, 5.0, OnError.DEFER)
+    assert await Pipeline({Stage.MAIL: [relaxed]}).run(Stage.MAIL, transaction()) is CONTINUE
+
+
 # --- soft_fail ------------------------------------------------------------------------------------
 
 
@@ -383,25 +436,29 @@ async def test_records_accumulate_across_stages() -> None:
 
 
 class MalformedCheck:
-    """A buggy check: returns something that is not a usable verdict."""
+    """A buggy check: returns something that is not a usable verdict (after waiting, if asked)."""
 
-    def __init__(self, result: object) -> None:
+    def __init__(self, result: object, wait: bool = False) -> None:
         self.id = "malformed"
         self.stages = ALL_STAGES
         self.result = result
+        self.wait = wait
 
     async def evaluate(self, stage: Stage, txn: Transaction, rcpt: Recipient | None) -> Verdict:
+        if self.wait:
+            await asyncio.sleep(0)
         return self.result  # type: ignore[return-value]
 
 
+@pytest.mark.parametrize("wait", [False, True], ids=["at-once", "after-waiting"])
 @pytest.mark.parametrize(
     "result",
     [Verdict(Action.REJECT), Verdict(Action.DEFER), None],
     ids=["reject-without-reply", "defer-without-reply", "none"],
 )
-async def test_an_unusable_verdict_is_a_check_error(result: object) -> None:
+async def test_an_unusable_verdict_is_a_check_error(result: object, wait: bool) -> None:
     txn = transaction()
-    check = ConfiguredCheck(MalformedCheck(result), Mode.ENFORCE, 1.0, OnError.DEFER)
+    check = ConfiguredCheck(MalformedCheck(result, wait), Mode.ENFORCE, 1.0, OnError.DEFER)
     verdict = await Pipeline({Stage.MAIL: [check]}).run(Stage.MAIL, txn)
     assert verdict.action is Action.DEFER
     assert verdict.reply is not None
