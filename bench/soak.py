@@ -450,7 +450,7 @@ class Soak:
     def start_gateway(self) -> None:
         assert self.upstream is not None
         self.state.mkdir(parents=True, exist_ok=True)
-        port = free_port()
+        port = self.args.port or free_port()
         config = self.workdir / "mailward.toml"
         config.write_text(gateway_toml(self.state, port, self.upstream.port, self.args.policy))
         self.gateway = GatewayProcess(config, port, self.workdir / "gateway.log", self.workdir)
@@ -1084,6 +1084,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--start-timeout", type=float, default=90.0, help="gateway start bound (s)")
     p.add_argument("--stop-grace", type=float, default=60.0, help="SIGTERM grace (s)")
     p.add_argument("--workdir", type=Path, default=None, help="parent of the work directory")
+    p.add_argument("--port", type=int, default=0, help="the gateway's port (default: a free one)")
     p.add_argument("--keep", action="store_true", help="keep the work directory")
     p.add_argument("--json", type=Path, default=None, help="write the figures here")
     args = p.parse_args(argv)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -13,6 +12,8 @@ import zipfile
 from pathlib import Path
 
 import pytest
+
+from tests.fixtures.parallel import unused_ports
 
 ROOT = Path(__file__).resolve().parents[2]
 MAILWARD = [sys.executable, "-m", "gateway.cli"]
@@ -49,14 +50,8 @@ def test_config_check_names_file_and_key(tmp_path: Path) -> None:
     assert "Traceback" not in result.stderr
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def test_demo_runs_and_swaks_delivers_to_the_outbox(tmp_path: Path) -> None:
-    ports = [_free_port() for _ in range(3)]
+    ports = unused_ports(3)  # the demo binds them itself: not ephemeral ones (parallel workers)
     proc = subprocess.Popen(
         [
             *MAILWARD,

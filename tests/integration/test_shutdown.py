@@ -30,6 +30,7 @@ from typing import Any
 from gateway.queue import QUEUED
 from gateway.smtp.capture import CaptureThread
 from tests.fixtures.gateway import ALICE, RunningGateway
+from tests.fixtures.parallel import unused_port
 
 BOB = "bob@example.net"
 MSG = (
@@ -184,14 +185,8 @@ min_free_space = "1M"
     return path
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def test_sigterm_to_mailward_serve(tmp_path: Path, sync_upstream: CaptureThread) -> None:
-    port = _free_port()
+    port = unused_port()  # mailward serve binds it itself: not an ephemeral one (parallel)
     config = _config(tmp_path, port, sync_upstream.port)
     proc = subprocess.Popen(
         [*MAILWARD, "--config", str(config), "serve"],
