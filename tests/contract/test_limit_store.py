@@ -418,6 +418,7 @@ async def test_flags_expire(limit_store: LimitStore) -> None:
 
 async def test_every_key_expires_by_itself(limit_store: LimitStore) -> None:
     tier = Tier("t", 10, 100.0)  # 10 s per unit
+    started = time.monotonic()
     await limit_store.acquire([Charge("k", tier, 3), Charge("k", Tier("u", 5, 5.0), 1)])
     await limit_store.acquire(one("k2", tier, 1), dry_run=True)  # a peek stores nothing
     await limit_store.distinct("k", ["m1", "m2"], 7.0)
@@ -431,13 +432,17 @@ async def test_every_key_expires_by_itself(limit_store: LimitStore) -> None:
         "k|c": "counter",
         "k|f": "flag",
     }
+    elapsed = time.monotonic() - started  # a loaded machine may take a while between the calls
+
+    def about(expected: float) -> tuple[float, float]:
+        return expected - elapsed - 0.5, expected + 0.5
+
     for name, entry in stored.items():
         assert 0 < entry.ttl < math.inf, name
-    assert stored["k|g:t"].ttl == pytest.approx(30.0, abs=0.5)  # time until empty
-    assert stored["k|g:u"].ttl == pytest.approx(1.0, abs=0.5)
-    assert stored["k|d"].ttl == pytest.approx(7.0, abs=0.5)
-    assert stored["k|c"].ttl == pytest.approx(9.0, abs=0.5)
-    assert stored["k|f"].ttl == pytest.approx(11.0, abs=0.5)
+    expected = {"k|g:t": 30.0, "k|g:u": 1.0, "k|d": 7.0, "k|c": 9.0, "k|f": 11.0}  # t: until empty
+    for name, ttl in expected.items():
+        low, high = about(ttl)
+        assert low <= stored[name].ttl <= high, (name, stored[name].ttl, ttl, elapsed)
     await limit_store.refund(one("k", tier, 3))  # emptied: the bucket is gone
     assert "k|g:t" not in await limit_store.inspect()  # type: ignore[attr-defined]
 
