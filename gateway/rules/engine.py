@@ -27,6 +27,7 @@ nothing else a message can contain makes the scan raise.
 from __future__ import annotations
 
 import hashlib
+import operator
 import re
 import types
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -79,6 +80,8 @@ MAX_HEADER_VALUE = 8 * 1024
 MAX_SCAN = 256 * 1024
 WINDOW_FROM = 8 * 1024  # texts longer than this are searched around the literals only
 MAX_WINDOWS = 32  # beyond this many literal occurrences, one search of the whole text is cheaper
+_RUN = re.compile(r"(.)\1*", re.DOTALL)  # a run of one character (group 1: the character)
+_VALUE = operator.itemgetter(1)  # (end position, literal) -> literal
 GTUBE = "XJS*C4JDBQADN1.NSBN3*2IDNEN*GTUBE-STANDARD-ANTI-UBE-TEST-EMAIL*C.34X"
 
 _IMG = re.compile(r"<img\b", re.IGNORECASE)
@@ -143,9 +146,12 @@ class MessageView:
         if part == "raw":
             values = raw
         elif part in ("addr", "name"):
+            # one parse gives both parts: the other one is cached with it
             pairs = getaddresses([decode_header_value(v) for v in raw])
-            index = 1 if part == "addr" else 0
-            values = [p[index].strip() for p in pairs if p[index].strip()]
+            for other, index in (("name", 0), ("addr", 1)):
+                listed = [p[index].strip() for p in pairs]
+                self._headers[(key[0], other)] = [v for v in listed if v]
+            return self._headers[key]
         else:
             values = [decode_header_value(v) for v in raw]
         self._headers[key] = values
@@ -403,9 +409,20 @@ class LiteralIndex:
     """Every prefilter literal of a rule set in one Aho-Corasick automaton: one pass over a text
     says which of them occur in it (instead of one substring search per literal and rule).
 
+    A pass costs one step per character plus one per occurrence found. A literal made of one
+    repeated character (``xxx``, ``!!!``, ``$``) occurs at nearly every position of a long run of
+    that character in the text (a line of ``XXXX...``: 76 occurrences of ``xxx`` in 78 characters),
+    so such runs are cut first: every run of one of those characters longer than ``run_caps[c]``
+    (one more than the longest run of ``c`` inside any literal) is cut to that length. The cut text
+    holds exactly the same literals (each run of ``c`` in a literal is shorter than the cap: where
+    it lies at the edge of a run of the text, the cut run is still long enough; where it must equal
+    a whole run of the text, that run is shorter than the cap and was not cut), and the pass costs
+    at most a few steps per run instead of one per character of it. Texts without such runs (the
+    usual case) cost one substring test per character concerned.
+
     Built once per RuleEngine; immutable after construction, safe to share between threads."""
 
-    __slots__ = ("_automaton", "literals")
+    __slots__ = ("_automaton", "_cuts", "literals", "run_caps")
 
     def __init__(self, literals: Iterable[str]) -> None:
         self.literals = frozenset(lit for lit in literals if lit)
@@ -414,12 +431,33 @@ class LiteralIndex:
             automaton.add_word(lit, lit)
         automaton.make_automaton()
         self._automaton = automaton
+        longest: dict[str, int] = {}  # character -> its longest run inside any literal
+        for lit in self.literals:
+            for run in _RUN.finditer(lit):
+                char, size = run.group(1), len(run.group())
+                longest[char] = max(longest.get(char, 0), size)
+        # the characters that whole literals are made of, and the length their runs are cut to
+        self.run_caps = {
+            lit[0]: longest[lit[0]] + 1 for lit in self.literals if lit == lit[0] * len(lit)
+        }
+        # per character: (the shortest run that is cut, the regex finding such runs, what they become)
+        self._cuts = tuple(
+            (
+                c * (cap + 1),
+                re.compile(f"{re.escape(c)}{{{cap + 1},}}"),
+                (c * cap).replace("\\", r"\\"),
+            )
+            for c, cap in sorted(self.run_caps.items())
+        )
 
     def present(self, text: str) -> frozenset[str]:
         """The indexed literals that occur in ``text``."""
         if not self.literals:
             return frozenset()
-        return frozenset(lit for _, lit in self._automaton.iter(text))
+        for run, runs, cut in self._cuts:
+            if run in text:
+                text = runs.sub(cut, text)
+        return frozenset(map(_VALUE, self._automaton.iter(text)))
 
 
 #: (index of the as-is texts' literals, index of the lower-cased texts' literals)
@@ -754,6 +792,33 @@ def _literal_indexes(matchers: Iterable[object]) -> LiteralIndexes:
     return LiteralIndex(as_is), LiteralIndex(lower)
 
 
+#: per text (target, lower-cased?): literal -> positions of the rules that have it as a first literal
+Gate = tuple[str, bool, dict[str, tuple[int, ...]]]
+
+
+def _gates(plain: Sequence[tuple[Rule, Test]]) -> tuple[tuple[int, ...], tuple[Gate, ...]]:
+    """Which plain rules always run (positions), and an inverted index of the others: the body and
+    HTML rules with a literal prefilter, which can only match when one of the first literals of
+    their prefilter (see :func:`_first_literals`) occurs in their text. One pass of the literal
+    index over each text then names the few rules worth running, instead of every rule testing
+    its own literals against it."""
+    ungated: list[int] = []
+    index: dict[tuple[str, bool], dict[str, list[int]]] = {}
+    for i, (rule, _) in enumerate(plain):
+        m = rule.matcher
+        if not isinstance(m, TextMatch) or m.pattern.prefilter is None:
+            ungated.append(i)
+            continue
+        by_literal = index.setdefault((m.target, m.pattern.literals_lower), {})
+        for lit in _first_literals(m.pattern):
+            by_literal.setdefault(lit, []).append(i)
+    gates = tuple(
+        (target, lower, {lit: tuple(at) for lit, at in by_literal.items()})
+        for (target, lower), by_literal in sorted(index.items())
+    )
+    return tuple(ungated), gates
+
+
 class RuleEngine:
     """Scans messages with one RuleSet. Immutable after construction; safe to share."""
 
@@ -763,6 +828,7 @@ class RuleEngine:
         self._plain = tuple((r, _test(r)) for r in enabled if not isinstance(r.matcher, MetaMatch))
         self._meta = tuple(_meta_order([r for r in enabled if isinstance(r.matcher, MetaMatch)]))
         self._indexes = _literal_indexes(r.matcher for r in enabled)
+        self._ungated, self._gates = _gates(self._plain)
 
     def view(
         self, message: bytes, *, recipients: Sequence[str] = (), login: str | None = None
@@ -780,7 +846,9 @@ class RuleEngine:
         """Score the message. Raises MessageTooComplex beyond a MIME bound, nothing else."""
         view = self.view(message, recipients=recipients, login=login)
         hits: dict[str, SymbolHit] = {}
-        for rule, test in self._plain:
+        plain = self._plain
+        for i in self._to_run(view):
+            rule, test = plain[i]
             detail = test(view)
             if detail is not None:
                 hits[rule.id] = SymbolHit(rule.id, rule.score, rule.mode, detail)
@@ -800,6 +868,22 @@ class RuleEngine:
         symbols = tuple(sorted(hits.values(), key=lambda h: (-h.score, h.id)))
         fp = fingerprint_view(view) if with_fingerprint else None
         return Result(score, symbols, self.ruleset.actions.action_for(score), fp)
+
+    def _to_run(self, view: MessageView) -> list[int]:
+        """The positions in ``_plain`` of the rules that may match: every rule but the body/html
+        rules none of whose first literals occur in their text (their ``_search`` would answer
+        no at once); in rule order."""
+        run = list(self._ungated)
+        for target, lower, by_literal in self._gates:
+            if target == "body":
+                hay = view.body_lower if lower else view.body
+            else:
+                hay = view.html_lower if lower else view.html
+            present = hay.present()
+            assert present is not None  # the engine's views always carry its indexes
+            for lit in present:
+                run.extend(by_literal.get(lit, ()))
+        return sorted(set(run))
 
 
 # --- fingerprint -----------------------------------------------------------------------------------
