@@ -10,8 +10,10 @@ and an upstream on loopback, written once:
   :func:`pyspy_path` (the profiler, if installed);
 * CPU accounting from ``/proc``: :func:`proc_stat`, :func:`descendants` (a process tree),
   :func:`cpu_seconds` (one process), :func:`tree_cpu` (a process and everything below it),
-  :func:`system_busy_seconds` (the whole machine) and :func:`own_cpu_seconds` (this harness and
-  its reaped children), from which the harnesses derive the CPU used by processes outside them;
+  :func:`system_busy_seconds` (the whole machine, hypervisor steal excluded), :func:`steal_seconds`
+  (the steal itself), :func:`own_cpu_seconds` (this harness and its reaped children) and
+  :func:`ours_cpu_seconds` (that plus whole process trees), from which the harnesses derive the
+  CPU used by processes outside them;
 * :func:`read_only`: a gateway's SQLite database, read while it may be writing;
 * the gateway configuration: :func:`gateway_config` (SQLite state, one loopback listener
   without TLS and AUTH for 127.0.0.1, relay to a loopback upstream without TLS), every shipped
@@ -233,14 +235,32 @@ def tree_cpu(root: int) -> tuple[float, float]:
     return own / ticks, below / ticks
 
 
-def system_busy_seconds() -> float:
-    """CPU time spent by the whole machine (all cores, all processes), from /proc/stat."""
+def cpu_ticks() -> list[int] | None:
+    """The machine's CPU time so far (all cores), from the ``cpu`` line of /proc/stat: user,
+    nice, system, idle, iowait, irq, softirq, steal, in USER_HZ ticks (None if unreadable)."""
     try:
         values = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
     except (OSError, ValueError):
+        return None
+    return values if len(values) == 8 else None
+
+
+def system_busy_seconds() -> float:
+    """CPU time the whole machine ran (all cores, all processes and the kernel), from /proc/stat:
+    everything but idle, iowait and steal. Steal (time a virtual CPU wanted to run while the
+    hypervisor ran something else) is no process's work here: :func:`steal_seconds` reads it."""
+    values = cpu_ticks()
+    if values is None:
         return float("nan")
-    idle = values[3] + values[4]  # idle + iowait
+    idle = values[3] + values[4] + values[7]  # idle + iowait + steal
     return (sum(values) - idle) / os.sysconf("SC_CLK_TCK")
+
+
+def steal_seconds() -> float:
+    """Hypervisor steal time of the whole machine (all cores) so far, from /proc/stat (the 8th
+    value of the ``cpu`` line)."""
+    values = cpu_ticks()
+    return values[7] / os.sysconf("SC_CLK_TCK") if values is not None else float("nan")
 
 
 def own_cpu_seconds(*pids: int) -> float:
@@ -252,6 +272,18 @@ def own_cpu_seconds(*pids: int) -> float:
         + usage.ru_stime
         + sum(cpu_seconds(pid) for pid in pids if pid)
     )
+
+
+def ours_cpu_seconds(*roots: int) -> float:
+    """CPU time of everything that belongs to the benchmark: this process, its finished children
+    (smtp-source) and the process trees ``roots`` (each process and everything below it, e.g. a
+    gateway with its spam-score workers and gpg runs; 0 is skipped)."""
+    total = own_cpu_seconds()
+    for root in roots:
+        if root:
+            own, below = tree_cpu(root)
+            total += own + below
+    return total
 
 
 @contextlib.contextmanager

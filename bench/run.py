@@ -8,17 +8,38 @@ size x concurrent sessions x connection mode), measures in the same run
   trusted network, the audit written to SQLite) -> ``smtp-sink``,
 
 interleaving the two for every repetition. It prints messages/s for both and the ratio
-gateway/baseline, the gateway's CPU time per message, and checks that the sink received every
-message and that the audit holds one ``delivered`` record per message. Results go to
-``bench/results/<timestamp>.json`` (git-ignored). With ``--profile`` each cell is run once more
-with ``py-spy`` attached to the gateway (or the gateway under ``cProfile``) and the top functions
-are added to the results.
+gateway/baseline, the gateway's CPU time per message (the gateway process, and its worker
+processes below it), and checks that the sink received every message and that the audit holds
+one ``delivered`` record per message. Results go to ``bench/results/<timestamp>.json``
+(git-ignored). With ``--profile`` each cell is run once more with ``py-spy`` attached to the
+gateway (or the gateway under ``cProfile``) and the top functions are added to the results.
+
+``--policy on|off`` measures one gateway, with the shipped policy or with every check off.
+``--policy both`` measures the shipped policy's cost as a paired comparison: two gateways per
+cell, policy off and policy on (a state directory and configuration each), both warmed up, then
+each repetition runs the baseline and both gateways in alternating order (off, on; on, off; ...).
+Each repetition gives a paired ratio on/off of two runs seconds apart; the cell's figure is their
+median. On a shared virtual machine the speed drifts from minute to minute (hypervisor steal
+varies from 5 to 60 % here), so two separate ``--policy off`` and ``--policy on`` invocations
+minutes apart measure the drift as much as the policy; the alternating order also cancels a
+steady drift within the cell. ``--profile`` then profiles the policy-on gateway only.
+
+Noise: for each timed run the CPU used by processes outside the benchmark ("other": the
+machine's busy time from /proc/stat less the harness, smtp-source, the sink and each gateway's
+whole process tree) and the hypervisor steal (the ``cpu`` line's 8th value in /proc/stat, not
+counted as busy) are recorded, in % of one core. Runs with other load above MAX_OTHER_PERCENT
+are "disturbed"; medians use the quiet ones when there are any. Steal is printed beside it, since
+it slows every process alike and no quiet window can wait it out.
+
+Reads: /proc (CPU times), the measured source tree's ``policies/*.toml`` (rate-limit names), the
+gateways' SQLite databases (read-only, after the runs).
 
 Usage (from the repository root)::
 
     .venv/bin/python bench/run.py            # full run, both connection modes
     .venv/bin/python bench/run.py --quick    # smoke run, small counts
     .venv/bin/python bench/run.py --profile  # plus one profiled gateway run per cell
+    .venv/bin/python bench/run.py --policy both --sizes 2KB --sessions 20   # shipped policy's cost
 
 Needs: ``/usr/sbin/smtp-source`` and ``/usr/sbin/smtp-sink`` (Debian package ``postfix``; the
 Postfix daemon itself is not used and must not be running), and for ``--profiler py-spy`` the
@@ -54,16 +75,17 @@ from typing import Any, Protocol, TypeVar
 from common import (
     HOST,
     PIPELINE_OFF,
-    cpu_seconds,
     free_port,
     gateway_config,
-    own_cpu_seconds,
+    ours_cpu_seconds,
     pyspy_path,
     read_only,
     start_gateway,
+    steal_seconds,
     stop_process,
     system_busy_seconds,
     tail,
+    tree_cpu,
     wait_for_smtp,
 )
 
@@ -85,6 +107,7 @@ RECIPIENT = "sink@example.test"
 SINK_USER = "nobody"
 PYSPY_RATE = 200  # samples per second and thread
 GOAL_MSGS_PER_SEC = 500.0
+GOAL_POLICY_RATIO = 0.8  # issue 3: msgs/s with the shipped policy on / off (paired, --policy both)
 # A run during which processes outside the benchmark used more than this (% of one core) is
 # "disturbed": medians use the quiet runs when there are any.
 MAX_OTHER_PERCENT = 10.0  # at 20 sessions, ~2 KB messages, audit written
@@ -123,11 +146,12 @@ if __name__ == "__main__":
 # --------------------------------------------------------------------------- small helpers
 
 
-def wait_quiet(timeout: float, *pids: int, ours: Callable[..., float] = own_cpu_seconds) -> float:
+def wait_quiet(timeout: float, *pids: int, ours: Callable[..., float] = ours_cpu_seconds) -> float:
     """Wait (up to ``timeout`` s) for a 1-second window in which processes outside the benchmark
-    use at most MAX_OTHER_PERCENT of a core. Returns the other load of the last window, in %.
-    ``ours(*pids)`` is the CPU time of the benchmark's processes (default: this harness, its
-    reaped children and the processes ``pids``)."""
+    use at most MAX_OTHER_PERCENT of a core (hypervisor steal is not a process: not counted).
+    Returns the other load of the last window, in %. ``ours(*pids)`` is the CPU time of the
+    benchmark's processes (default: this harness, its reaped children and the process trees
+    ``pids``: the sink, each gateway with its workers)."""
     deadline = time.monotonic() + timeout
     while True:
         ours0, busy0, t0 = ours(*pids), system_busy_seconds(), time.monotonic()
@@ -252,8 +276,11 @@ class SourceRun:
     sink_received: int
     ok: bool
     error: str = ""
-    gateway_cpu_seconds: float | None = None
     other_cpu_percent: float | None = None  # CPU used by processes not in the benchmark
+    steal_percent: float | None = None  # hypervisor steal over the run, % of one core
+    policy: str | None = None  # the gateway's --policy (None: the baseline, sink directly)
+    gateway_cpu_seconds: float | None = None  # the gateway process itself (all threads)
+    workers_cpu_seconds: float | None = None  # everything below it (spam-score workers)
 
 
 def source_cmd(port: int, size: int, sessions: int, count: int, reuse: bool) -> list[str]:
@@ -338,20 +365,40 @@ def run_source(
     reuse: bool,
     gateway_pid: int | None = None,
     timeout: float = 1800,
+    *,
+    others: Sequence[int] = (),
+    policy: str | None = None,
 ) -> SourceRun:
-    timed, cpu0, cpu1 = timed_source(
+    """One timed smtp-source run of ``count`` messages to ``port`` (the sink, or the gateway
+    ``gateway_pid`` with the policy ``policy``). The benchmark's own CPU, left out of the other
+    load, is this harness, smtp-source, the sink and the process trees of ``gateway_pid`` and of
+    ``others`` (the other gateway, idle meanwhile). Also read over the run: the gateway's CPU (the
+    process itself and everything below it, see :func:`common.tree_cpu`) and the machine's
+    hypervisor steal."""
+    roots = (sink.pid, gateway_pid or 0, *others)
+
+    def probe() -> tuple[float | None, float | None, float]:
+        root, below = tree_cpu(gateway_pid) if gateway_pid else (None, None)
+        return root, below, steal_seconds()
+
+    timed, (root0, below0, steal0), (root1, below1, steal1) = timed_source(
         source_cmd(port, size, sessions, count, reuse),
         sink,
         count,
-        ours=lambda: own_cpu_seconds(sink.pid, gateway_pid or 0),
-        probe=lambda: cpu_seconds(gateway_pid) if gateway_pid else None,
+        ours=lambda: ours_cpu_seconds(*roots),
+        probe=probe,
         timeout=timeout,
     )
+
+    def delta(a: float | None, b: float | None) -> float | None:
+        return round(b - a, 3) if a is not None and b is not None else None
+
     return SourceRun(
         **asdict(timed),
-        gateway_cpu_seconds=(
-            round(cpu1 - cpu0, 3) if cpu0 is not None and cpu1 is not None else None
-        ),
+        steal_percent=round(100 * (steal1 - steal0) / timed.seconds, 1) if timed.seconds else None,
+        policy=policy,
+        gateway_cpu_seconds=delta(root0, root1),
+        workers_cpu_seconds=delta(below0, below1),
     )
 
 
@@ -381,7 +428,9 @@ def quiet(runs: Sequence[Run]) -> int:
 # --------------------------------------------------------------------------- the gateway
 
 
-def gateway_toml(state_dir: Path, port: int, sink_port: int) -> str:
+def gateway_toml(state_dir: Path, port: int, sink_port: int, policy: str = "on") -> str:
+    """The benchmark gateway's configuration; ``policy`` "on": the shipped pipeline (rate limits
+    raised so they never refuse), "off": every configurable check off (:data:`POLICY_OFF`)."""
     return gateway_config(
         title="Mailward benchmark configuration (written by bench/run.py)",
         src=GATEWAY_SRC,
@@ -392,7 +441,7 @@ def gateway_toml(state_dir: Path, port: int, sink_port: int) -> str:
         upstream_port=sink_port,
         relay="pool_size = 32\n",
         log_level="warning",
-        pipeline=policy_overrides(),
+        pipeline=policy_overrides(policy),
     )
 
 
@@ -403,24 +452,32 @@ POLICY_OFF = (
 )
 
 
-def policy_overrides() -> str:
-    """The ``--policy`` choice, passed down through the environment of this benchmark process."""
-    return POLICY_OFF if os.environ.get("MAILWARD_BENCH_POLICY") == "off" else ""
+def policy_overrides(policy: str) -> str:
+    """The configuration added for a gateway's policy: :data:`POLICY_OFF` for "off", else
+    nothing (the shipped pipeline)."""
+    return POLICY_OFF if policy == "off" else ""
 
 
 class Gateway:
-    """``mailward serve`` in a subprocess; under cProfile for its whole life if asked (py-spy
-    attaches to the running process instead, see :class:`PySpy`)."""
+    """``mailward serve`` with the policy ``policy`` ("on" or "off", see :func:`gateway_toml`) in
+    a subprocess, with a state directory and configuration of its own; under cProfile for its
+    whole life if asked (py-spy attaches to the running process instead, see :class:`PySpy`)."""
 
     def __init__(
-        self, workdir: Path, sink_port: int, entry: str = "cli", cprofile: bool = False
+        self,
+        workdir: Path,
+        sink_port: int,
+        policy: str,
+        entry: str = "cli",
+        cprofile: bool = False,
     ) -> None:
-        self.dir = Path(tempfile.mkdtemp(prefix="gw-", dir=workdir))
+        self.policy = policy
+        self.dir = Path(tempfile.mkdtemp(prefix=f"gw-{policy}-", dir=workdir))
         self.state = self.dir / "state"
         self.state.mkdir()
         self.port = free_port()
         self.config = self.dir / "mailward.toml"
-        self.config.write_text(gateway_toml(self.state, self.port, sink_port))
+        self.config.write_text(gateway_toml(self.state, self.port, sink_port, policy))
         launcher = self.dir / "launch_mailward.py"
         launcher.write_text(LAUNCHERS[entry])
         self.log = self.dir / "gateway.log"
@@ -438,7 +495,12 @@ class Gateway:
 
     def start(self) -> None:
         self.proc = start_gateway(
-            self.cmd, port=self.port, log=self.log, cwd=self.dir, src=GATEWAY_SRC
+            self.cmd,
+            port=self.port,
+            log=self.log,
+            cwd=self.dir,
+            src=GATEWAY_SRC,
+            label=f"gateway (policy {self.policy})",
         )
 
     def stop(self) -> str:
@@ -650,6 +712,10 @@ def summarize_cprofile(path: Path, top: int) -> dict[str, Any]:
 # --------------------------------------------------------------------------- the run
 
 
+#: The gateways of a cell for each ``--policy``: "both" runs policy off and on side by side.
+POLICIES = {"on": ("on",), "off": ("off",), "both": ("off", "on")}
+
+
 @dataclass
 class Cell:
     size_label: str
@@ -657,11 +723,13 @@ class Cell:
     sessions: int
     count: int
     connection: str  # "new" (one message per connection) or "reuse" (smtp-source -d)
+    # The gateways measured, by policy: one, or ("off", "on") for the paired comparison.
+    policies: tuple[str, ...] = ("on",)
     baseline: list[SourceRun] = field(default_factory=list)
-    gateway: list[SourceRun] = field(default_factory=list)
-    warmup: int = 0
-    audit: dict[str, Any] = field(default_factory=dict)
-    gateway_stop: str = ""
+    gateways: dict[str, list[SourceRun]] = field(default_factory=dict)  # timed runs by policy
+    warmup: int = 0  # messages of the warm-up, through each gateway
+    audit: dict[str, dict[str, Any]] = field(default_factory=dict)  # by policy
+    gateway_stop: dict[str, str] = field(default_factory=dict)  # by policy
     error: str = ""
     profile: dict[str, Any] = field(default_factory=dict)
 
@@ -669,32 +737,105 @@ class Cell:
     def name(self) -> str:
         return f"{self.size_label} x{self.sessions} {self.connection}"
 
+    @property
+    def paired(self) -> bool:
+        """Whether the cell compares policy off and on side by side (``--policy both``)."""
+        return len(self.policies) == 2
+
+    @property
+    def main_policy(self) -> str:
+        """The gateway of the flat figures (msgs/s, ratio to the baseline, the msgs/s goal): the
+        only one, or policy on when paired."""
+        return "on" if self.paired else self.policies[0]
+
+    def runs(self, policy: str) -> list[SourceRun]:
+        return self.gateways.get(policy, [])
+
+    def all_runs(self) -> list[SourceRun]:
+        return [*self.baseline, *(r for p in self.policies for r in self.runs(p))]
+
     def median(self, runs: list[SourceRun]) -> float | None:
         rates = [r.msgs_per_sec for r in kept(runs)]
         return round(statistics.median(rates), 1) if rates else None
 
-    def summary(self) -> dict[str, Any]:
-        base, gw = self.median(self.baseline), self.median(self.gateway)
-        gw_runs = [r for r in kept(self.gateway) if r.gateway_cpu_seconds is not None]
-        cpu = [(r.gateway_cpu_seconds or 0.0) / r.count for r in gw_runs]
-        busy = [(r.gateway_cpu_seconds or 0.0) / r.seconds for r in gw_runs]
-        expected = self.warmup + sum(r.count for r in self.gateway)
-        other = [
-            r.other_cpu_percent
-            for r in (*self.baseline, *self.gateway)
-            if r.other_cpu_percent is not None
+    def paired_ratios(self) -> list[float | None]:
+        """Per repeat: msgs/s of the policy-on run divided by that of the policy-off run of the
+        same repeat (None if either failed)."""
+        return [
+            round(on.msgs_per_sec / off.msgs_per_sec, 4) if on.ok and off.ok else None
+            for off, on in zip(self.runs("off"), self.runs("on"), strict=False)
         ]
+
+    def paired_ratio(self) -> float | None:
+        """The median of the paired ratios, over the pairs whose two runs were both quiet when
+        there are any, else over every pair that succeeded."""
+        good = [
+            (off, on)
+            for off, on in zip(self.runs("off"), self.runs("on"), strict=False)
+            if off.ok and on.ok
+        ]
+        calm = [p for p in good if quiet(p) == 2]
+        ratios = [on.msgs_per_sec / off.msgs_per_sec for off, on in (calm or good)]
+        return round(statistics.median(ratios), 4) if ratios else None
+
+    def gateway_summary(self, policy: str, base: float | None) -> dict[str, Any]:
+        """The figures of one gateway: msgs/s (median), ratio to the baseline's median, its CPU
+        per message (the gateway process; its workers, i.e. everything below it) and in % of one
+        core, and the audit check."""
+        runs = self.runs(policy)
+        gw = self.median(runs)
+        measured = [
+            r
+            for r in kept(runs)
+            if r.gateway_cpu_seconds is not None and r.workers_cpu_seconds is not None
+        ]
+
+        def ms_per_msg(values: list[float]) -> float | None:
+            return round(1000 * statistics.median(values), 3) if values else None
+
+        busy = [(r.gateway_cpu_seconds or 0.0) / r.seconds for r in measured]
+        expected = self.warmup + sum(r.count for r in runs)
         return {
-            "baseline_msgs_per_sec": base,
-            "gateway_msgs_per_sec": gw,
+            "msgs_per_sec": gw,
             "ratio": round(gw / base, 4) if base and gw else None,
-            "gateway_cpu_ms_per_msg": round(1000 * statistics.median(cpu), 3) if cpu else None,
-            "gateway_cpu_percent": round(100 * statistics.median(busy), 1) if busy else None,
-            "other_cpu_percent_max": max(other) if other else None,
-            "quiet_runs": f"{quiet(self.baseline)}/{len(self.baseline)} "
-            f"{quiet(self.gateway)}/{len(self.gateway)}",
+            "cpu_ms_per_msg": ms_per_msg(
+                [(r.gateway_cpu_seconds or 0.0) / r.count for r in measured]
+            ),
+            "workers_cpu_ms_per_msg": ms_per_msg(
+                [(r.workers_cpu_seconds or 0.0) / r.count for r in measured]
+            ),
+            "cpu_percent": round(100 * statistics.median(busy), 1) if busy else None,
+            "quiet_runs": f"{quiet(runs)}/{len(runs)}",
             "audit_expected_delivered": expected,
-            "audit_ok": self.audit.get("delivered") == expected,
+            "audit_ok": self.audit.get(policy, {}).get("delivered") == expected,
+        }
+
+    def summary(self) -> dict[str, Any]:
+        base = self.median(self.baseline)
+        gateways = {p: self.gateway_summary(p, base) for p in self.policies}
+        main = gateways[self.main_policy]
+        runs = self.all_runs()
+        other = [r.other_cpu_percent for r in runs if r.other_cpu_percent is not None]
+        steal = [r.steal_percent for r in runs if r.steal_percent is not None]
+        return {
+            "policy": "both" if self.paired else self.main_policy,
+            "baseline_msgs_per_sec": base,
+            "gateway_msgs_per_sec": main["msgs_per_sec"],
+            "ratio": main["ratio"],
+            "gateway_cpu_ms_per_msg": main["cpu_ms_per_msg"],
+            "workers_cpu_ms_per_msg": main["workers_cpu_ms_per_msg"],
+            "gateway_cpu_percent": main["cpu_percent"],
+            "paired_ratios": self.paired_ratios() if self.paired else None,
+            "paired_ratio": self.paired_ratio() if self.paired else None,
+            "other_cpu_percent_max": max(other) if other else None,
+            "steal_percent_max": max(steal) if steal else None,
+            "steal_percent_median": round(statistics.median(steal), 1) if steal else None,
+            "quiet_runs": " ".join(
+                [f"{quiet(self.baseline)}/{len(self.baseline)}"]
+                + [gateways[p]["quiet_runs"] for p in self.policies]
+            ),
+            "audit_ok": all(g["audit_ok"] for g in gateways.values()),
+            "gateways": gateways,
         }
 
 
@@ -707,53 +848,97 @@ def build_cells(args: argparse.Namespace) -> list[Cell]:
             for sessions in args.sessions:
                 n = counts.get((label, sessions)) or counts[(label, 20 if sessions > 1 else 1)]
                 n = max(sessions, int(n * args.scale))
-                cells.append(Cell(label, SIZES[label], sessions, n, connection))
+                cells.append(
+                    Cell(label, SIZES[label], sessions, n, connection, POLICIES[args.policy])
+                )
     return cells
+
+
+def gateway_audit(gw: Gateway, stopped: str) -> dict[str, Any]:
+    """A stopped gateway's audit counts (:meth:`Gateway.audit_summary`), its log's length and
+    most frequent lines, and the end of its log if it did not exit cleanly."""
+    audit = gw.audit_summary()
+    log_lines = tail(gw.log, 10**8).splitlines()
+    audit["gateway_log_lines"] = len(log_lines)
+    lines = Counter(_TIMESTAMP.sub("", line) for line in log_lines)
+    audit["gateway_log_top"] = lines.most_common(5)
+    if "KILLED" in stopped or not stopped.startswith("exited (0"):
+        audit["gateway_log_tail"] = tail(gw.log, 1500)
+    return audit
 
 
 def run_cell(
     cell: Cell, sink: Sink, workdir: Path, repeat: int, entry: str, wait: float = 0.0
 ) -> None:
+    """Measure ``cell``: start its gateways (one per policy, each with its own state directory
+    and configuration), warm each up, then ``repeat`` times: wait up to ``wait`` s for a quiet
+    window, a baseline run, and a run through each gateway. With two gateways the order
+    alternates (ABBA: repeat 0 off then on, repeat 1 on then off, ...), so that the machine's
+    drift during the cell weighs on both alike and each repeat gives a paired on/off ratio of
+    two runs a few seconds apart. Finally the gateways are stopped and their audits read."""
     reuse = cell.connection == "reuse"
-    gw = Gateway(workdir, sink.port, entry)
+    gws = {p: Gateway(workdir, sink.port, p, entry) for p in cell.policies}
+    cell.gateways = {p: [] for p in cell.policies}
+    roots: list[int] = []  # the gateways' pids, once started
+
+    def through(policy: str, count: int) -> SourceRun:
+        gw = gws[policy]
+        others = [pid for pid in roots if pid != gw.pid]
+        return run_source(
+            sink,
+            gw.port,
+            cell.size,
+            cell.sessions,
+            count,
+            reuse,
+            gw.pid,
+            others=others,
+            policy=policy,
+        )
+
     try:
-        gw.start()
+        for gw in gws.values():
+            gw.start()
+        roots = [gw.pid for gw in gws.values()]
+        cell.warmup = min(cell.count, max(50, 5 * cell.sessions))
+        for policy in cell.policies:
+            warm = through(policy, cell.warmup)
+            if not warm.ok:
+                cell.error = f"warm-up through the gateway (policy {policy}) failed: {warm.error}"
+                return
+        for i in range(repeat):
+            if wait > 0:
+                wait_quiet(wait, sink.pid, *roots)
+            cell.baseline.append(
+                run_source(
+                    sink, sink.port, cell.size, cell.sessions, cell.count, reuse, others=roots
+                )
+            )
+            for policy in cell.policies if i % 2 == 0 else cell.policies[::-1]:
+                cell.gateways[policy].append(through(policy, cell.count))
     except RuntimeError as exc:
         cell.error = str(exc)
-        return
-    try:
-        cell.warmup = min(cell.count, max(50, 5 * cell.sessions))
-        warm = run_source(sink, gw.port, cell.size, cell.sessions, cell.warmup, reuse)
-        if not warm.ok:
-            cell.error = f"warm-up through the gateway failed: {warm.error}"
-            return
-        for _ in range(repeat):
-            if wait > 0:
-                wait_quiet(wait, sink.pid, gw.pid)
-            cell.baseline.append(
-                run_source(sink, sink.port, cell.size, cell.sessions, cell.count, reuse)
-            )
-            cell.gateway.append(
-                run_source(sink, gw.port, cell.size, cell.sessions, cell.count, reuse, gw.pid)
-            )
     finally:
-        cell.gateway_stop = gw.stop()
-        cell.audit = gw.audit_summary()
-        log_lines = tail(gw.log, 10**8).splitlines()
-        cell.audit["gateway_log_lines"] = len(log_lines)
-        cell.audit["gateway_log_top"] = Counter(
-            _TIMESTAMP.sub("", line) for line in log_lines
-        ).most_common(5)
-        if "KILLED" in cell.gateway_stop or not cell.gateway_stop.startswith("exited (0"):
-            cell.audit["gateway_log_tail"] = tail(gw.log, 1500)
+        for policy, gw in gws.items():
+            if gw.proc is not None:
+                cell.gateway_stop[policy] = gw.stop()
+                cell.audit[policy] = gateway_audit(gw, cell.gateway_stop[policy])
 
 
 def profile_cell(
-    cell: Cell, sink: Sink, workdir: Path, entry: str, profiler: str, top: int, wait: float = 0.0
+    cell: Cell,
+    sink: Sink,
+    workdir: Path,
+    entry: str,
+    profiler: str,
+    top: int,
+    wait: float = 0.0,
 ) -> None:
-    """One more gateway run of the cell's load, profiled; the summary goes to ``cell.profile``."""
+    """One more gateway run of the cell's load, profiled; the summary goes to ``cell.profile``.
+    The gateway is a fresh one with the cell's main policy (policy on with ``--policy both``)."""
     reuse = cell.connection == "reuse"
-    gw = Gateway(workdir, sink.port, entry, cprofile=profiler == "cprofile")
+    policy = cell.main_policy
+    gw = Gateway(workdir, sink.port, policy, entry, cprofile=profiler == "cprofile")
     try:
         gw.start()
     except RuntimeError as exc:
@@ -770,7 +955,9 @@ def profile_cell(
         if spy is not None:
             spy.start()
         try:
-            run = run_source(sink, gw.port, cell.size, cell.sessions, cell.count, reuse, gw.pid)
+            run = run_source(
+                sink, gw.port, cell.size, cell.sessions, cell.count, reuse, gw.pid, policy=policy
+            )
         finally:
             if spy is not None:
                 spy.stop()
@@ -790,6 +977,7 @@ def profile_cell(
     kept = RESULTS_DIR / f"{RUN_STAMP}-profile-{cell.size_label}-x{cell.sessions}-{cell.connection}"
     kept = kept.with_suffix(out.suffix)
     shutil.copyfile(out, kept)
+    summary["policy"] = policy
     summary["raw_file"] = str(kept.relative_to(REPO))
     summary["profiled_run"] = asdict(run) if run else None
     cell.profile = summary
@@ -817,50 +1005,127 @@ def table_cells(head: str, cells: Sequence[C], width: int) -> Iterator[C]:
         yield cell
 
 
+def _fmt(v: Any, spec: str) -> str:
+    """``v`` formatted with ``spec``, or "-" right-aligned in its width if there is none."""
+    return format(v, spec) if v is not None else format("-", ">" + spec.split(".")[0])
+
+
+def audit_text(cell: Cell, s: dict[str, Any]) -> str:
+    """The table's audit column: "-" without a gateway, "ok", or what each failing gateway has
+    (delivered records, or the error reading them) of what it should have."""
+    if not any(cell.runs(p) for p in cell.policies):
+        return "-"
+    if s["audit_ok"]:
+        return "ok"
+    failed = []
+    for policy, g in s["gateways"].items():
+        if not g["audit_ok"]:
+            audit = cell.audit.get(policy, {})
+            label = f"{policy}: " if cell.paired else ""
+            failed.append(
+                f"{label}{audit.get('delivered', audit.get('error'))}"
+                f" of {g['audit_expected_delivered']}"
+            )
+    return "; ".join(failed)
+
+
+def print_failed_runs(cell: Cell) -> None:
+    for kind, runs in (
+        ("baseline", cell.baseline),
+        *((f"gateway (policy {p})", cell.runs(p)) for p in cell.policies),
+    ):
+        for r in runs:
+            if not r.ok:
+                print(f"    {kind} run failed: {r.error.splitlines()[-1] if r.error else ''}")
+
+
 def print_table(cells: list[Cell]) -> None:
+    if any(c.paired for c in cells):
+        print_paired_table(cells)
+        return
     head = (
         f"{'cell':<18} {'msgs':>6}  {'baseline/s':>10}  {'gateway/s':>9}  {'ratio':>6}  "
-        f"{'gw CPU ms/msg':>13}  {'gw CPU%':>7}  {'other%':>6}  {'quiet':>7}  audit"
+        f"{'gw CPU ms/msg':>13}  {'workers ms/msg':>14}  {'gw CPU%':>7}  {'other%':>6}  "
+        f"{'steal%':>6}  {'quiet':>7}  audit"
     )
     for cell in table_cells(head, cells, 18):
         s = cell.summary()
-
-        def f(v: Any, spec: str) -> str:
-            return format(v, spec) if v is not None else format("-", ">" + spec.split(".")[0])
-
-        audit = (
-            "-"
-            if not cell.gateway
-            else "ok"
-            if s["audit_ok"]
-            else f"{cell.audit.get('delivered', cell.audit.get('error'))}"
-            f" of {s['audit_expected_delivered']}"
-        )
         print(
-            f"{cell.name:<18} {cell.count:>6}  {f(s['baseline_msgs_per_sec'], '10.1f')}  "
-            f"{f(s['gateway_msgs_per_sec'], '9.1f')}  {f(s['ratio'], '6.3f')}  "
-            f"{f(s['gateway_cpu_ms_per_msg'], '13.2f')}  {f(s['gateway_cpu_percent'], '7.1f')}  "
-            f"{f(s['other_cpu_percent_max'], '6.1f')}  {s['quiet_runs']:>7}  "
-            f"{audit}"
+            f"{cell.name:<18} {cell.count:>6}  {_fmt(s['baseline_msgs_per_sec'], '10.1f')}  "
+            f"{_fmt(s['gateway_msgs_per_sec'], '9.1f')}  {_fmt(s['ratio'], '6.3f')}  "
+            f"{_fmt(s['gateway_cpu_ms_per_msg'], '13.2f')}  "
+            f"{_fmt(s['workers_cpu_ms_per_msg'], '14.2f')}  "
+            f"{_fmt(s['gateway_cpu_percent'], '7.1f')}  "
+            f"{_fmt(s['other_cpu_percent_max'], '6.1f')}  {_fmt(s['steal_percent_max'], '6.1f')}  "
+            f"{s['quiet_runs']:>7}  {audit_text(cell, s)}"
         )
-        for kind, runs in (("baseline", cell.baseline), ("gateway", cell.gateway)):
-            for r in runs:
-                if not r.ok:
-                    print(f"    {kind} run failed: {r.error.splitlines()[-1] if r.error else ''}")
+        print_failed_runs(cell)
+
+
+def print_paired_table(cells: list[Cell]) -> None:
+    """The table of ``--policy both``: both gateways' msgs/s, the median paired on/off ratio
+    (and each repeat's on the line below: its order, * if a run of the pair was disturbed), and
+    CPU per message of each gateway process and of its workers."""
+    head = (
+        f"{'cell':<18} {'msgs':>6}  {'baseline/s':>10}  {'off/s':>7}  {'on/s':>7}  "
+        f"{'on/off':>6}  {'gw CPU ms/msg off on':>20}  {'workers ms/msg off on':>21}  "
+        f"{'other%':>6}  {'steal%':>6}  {'quiet':>11}  audit"
+    )
+    for cell in table_cells(head, cells, 18):
+        s = cell.summary()
+        off, on = s["gateways"]["off"], s["gateways"]["on"]
+        print(
+            f"{cell.name:<18} {cell.count:>6}  {_fmt(s['baseline_msgs_per_sec'], '10.1f')}  "
+            f"{_fmt(off['msgs_per_sec'], '7.1f')}  {_fmt(on['msgs_per_sec'], '7.1f')}  "
+            f"{_fmt(s['paired_ratio'], '6.3f')}  "
+            f"{_fmt(off['cpu_ms_per_msg'], '13.2f')} {_fmt(on['cpu_ms_per_msg'], '6.2f')}  "
+            f"{_fmt(off['workers_cpu_ms_per_msg'], '14.2f')} "
+            f"{_fmt(on['workers_cpu_ms_per_msg'], '6.2f')}  "
+            f"{_fmt(s['other_cpu_percent_max'], '6.1f')}  {_fmt(s['steal_percent_max'], '6.1f')}  "
+            f"{s['quiet_runs']:>11}  {audit_text(cell, s)}"
+        )
+        pairs = []
+        for i, (ratio, r_off, r_on) in enumerate(
+            zip(s["paired_ratios"], cell.runs("off"), cell.runs("on"), strict=False)
+        ):
+            order = "off,on" if i % 2 == 0 else "on,off"
+            mark = "" if quiet([r_off, r_on]) == 2 else "*"
+            pairs.append(f"{_fmt(ratio, '.3f')}{mark} ({order})")
+        if pairs:
+            print(f"    on/off by repeat: {'  '.join(pairs)}")
+        print_failed_runs(cell)
 
 
 def print_legend(cells: list[Cell]) -> None:
+    paired = any(c.paired for c in cells)
+    if paired:
+        print(
+            "\nTwo gateways per cell, side by side: policy off (every check off) and policy on "
+            "(the shipped policy); each repeat runs the baseline, then both gateways, the order "
+            "alternating (off,on / on,off). off/s, on/s: median msgs/s of their timed runs; "
+            "on/off: the median of the paired ratios (each on run / the off run of the same "
+            "repeat, listed below the row; * = a run of the pair was disturbed), over the quiet "
+            "pairs when there are any."
+        )
+    else:
+        print("\nmsgs/s: median of the timed runs; ratio: gateway/baseline.")
     print(
-        "\nmsgs/s: median of the timed runs; ratio: gateway/baseline; gw CPU: the gateway "
-        "process (all threads), per message and in % of one core; other%: the most CPU (in % of "
-        "one core) used by processes outside the benchmark during any run of the cell; quiet: runs "
-        f"with other% <= {MAX_OTHER_PERCENT:.0f} (baseline, gateway), the only ones the medians "
-        "use when there are any."
+        "gw CPU: the gateway process (all threads), per message"
+        + ("" if paired else " and in % of one core")
+        + "; workers: everything below it (spam-score workers), per message; other%: the most "
+        "CPU (in % of one core) used by processes outside the benchmark (both gateways' trees, "
+        "sink, smtp-source and harness count as ours; steal does not count) during any run of "
+        "the cell; steal%: the most hypervisor steal during any run (% of one core: how much "
+        "the host held the machine's CPUs back); quiet: runs with other% <= "
+        f"{MAX_OTHER_PERCENT:.0f} (baseline, "
+        + ("off, on" if paired else "gateway")
+        + "), the only ones the medians use when there are any."
     )
     busy = [
         c.name
         for c in cells
-        if c.baseline and (not quiet(c.baseline) or (c.gateway and not quiet(c.gateway)))
+        if c.baseline
+        and (not quiet(c.baseline) or any(c.runs(p) and not quiet(c.runs(p)) for p in c.policies))
     ]
     if busy:
         print(f"WARNING: no quiet run for: {', '.join(busy)}; figures disturbed, rerun")
@@ -889,7 +1154,11 @@ def print_top(p: dict[str, Any], top: int) -> None:
 
 def print_profile(cell: Cell, top: int) -> None:
     p = cell.profile
-    run = profile_head(f"\nProfile of the gateway, {cell.name} ({p.get('profiler', '')}):", p)
+    run = profile_head(
+        f"\nProfile of the gateway (policy {p.get('policy', cell.main_policy)}), {cell.name} "
+        f"({p.get('profiler', '')}):",
+        p,
+    )
     if run is None:
         return
     print(
@@ -960,9 +1229,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--sessions", default="1,20", help="comma list of concurrent sessions")
     p.add_argument(
         "--policy",
-        choices=["on", "off"],
+        choices=["on", "off", "both"],
         default="on",
-        help="on: the shipped policy (limits raised so they never refuse); off: every check off",
+        help="on: the shipped policy (limits raised so they never refuse); off: every check off; "
+        "both: a gateway of each side by side per cell, runs alternating, with the paired on/off "
+        "ratio (the shipped policy's cost, robust to the machine's drift); --profile then "
+        "profiles the policy-on gateway",
     )
     p.add_argument(
         "--entry",
@@ -1000,7 +1272,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     global GATEWAY_SRC, RUN_STAMP
     args = parse_args(argv)
-    os.environ["MAILWARD_BENCH_POLICY"] = args.policy
     if args.gateway_src:
         GATEWAY_SRC = args.gateway_src.resolve()
         if not (GATEWAY_SRC / "gateway" / "cli").is_dir():
@@ -1020,7 +1291,10 @@ def main(argv: list[str] | None = None) -> int:
         workdir = Path(tmp)
         sink = Sink(workdir)
         example = source_cmd(sink.port, SIZES["2KB"], 20, 10_000, False)
-        sample_config = gateway_toml(Path("<tmp>/state"), 0, sink.port)
+        sample_configs = {
+            policy: gateway_toml(Path("<tmp>/state"), 0, sink.port, policy)
+            for policy in POLICIES[args.policy]
+        }
         sink.start()
         try:
             for cell in cells:
@@ -1067,9 +1341,30 @@ def main(argv: list[str] | None = None) -> int:
         }
         for c in goal_cells
     }
+    goal_paired = {
+        c.connection: {
+            "paired_ratio": c.summary()["paired_ratio"],
+            "goal": GOAL_POLICY_RATIO,
+            "met": (c.summary()["paired_ratio"] or 0) >= GOAL_POLICY_RATIO
+            and c.summary()["audit_ok"],
+        }
+        for c in goal_cells
+        if c.paired
+    }
     if goal and not args.baseline_only:
+        which = " (policy on)" if args.policy == "both" else ""
         print(
-            f"\nGoal (2KB, 20 sessions, audit written, >= {GOAL_MSGS_PER_SEC:.0f} msgs/s): {goal}"
+            f"\nGoal{which} (2KB, 20 sessions, audit written, >= {GOAL_MSGS_PER_SEC:.0f} msgs/s): "
+            f"{goal}"
+        )
+    if goal_paired and not args.baseline_only:
+        figures = ", ".join(
+            f"{conn} {_fmt(g['paired_ratio'], '.3f')} ({'met' if g['met'] else 'not met'})"
+            for conn, g in goal_paired.items()
+        )
+        print(
+            f"Goal (shipped policy on/off, paired ratio, 2KB, 20 sessions, audit written, "
+            f">= {GOAL_POLICY_RATIO}): {figures}"
         )
     for cell in cells:
         if cell.profile:
@@ -1083,11 +1378,13 @@ def main(argv: list[str] | None = None) -> int:
             "gateway_entry": args.entry,
             "gateway_launcher": LAUNCHERS[args.entry],
         },
-        "gateway_config": sample_config,
+        "policy": args.policy,
+        "gateway_config": sample_configs,  # by policy
         "repeat": args.repeat,
         "max_other_percent": MAX_OTHER_PERCENT,
         "wait_quiet": args.wait_quiet,
         "goal": goal,
+        "goal_paired": goal_paired or None,
         "cells": [
             {
                 "cell": c.name,
@@ -1098,9 +1395,9 @@ def main(argv: list[str] | None = None) -> int:
                 "warmup": c.warmup,
                 **c.summary(),
                 "baseline_runs": [asdict(r) for r in c.baseline],
-                "gateway_runs": [asdict(r) for r in c.gateway],
-                "audit": c.audit,
-                "gateway_stop": c.gateway_stop,
+                "gateway_runs": {p: [asdict(r) for r in c.runs(p)] for p in c.policies},
+                "audit": c.audit,  # by policy
+                "gateway_stop": c.gateway_stop,  # by policy
                 "error": c.error,
                 "profile": c.profile,
             }
@@ -1109,9 +1406,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"\nresults: {out}")
-    failed = any(c.error for c in cells) or any(
-        not r.ok for c in cells for r in (*c.baseline, *c.gateway)
-    )
+    failed = any(c.error for c in cells) or any(not r.ok for c in cells for r in c.all_runs())
     if not args.baseline_only:
         failed = failed or any(not c.summary()["audit_ok"] for c in cells)
     return 1 if failed else 0
