@@ -199,10 +199,7 @@ class MemoryLimitStore:
     ) -> tuple[Decision, gcra.Plan]:
         """What acquiring ``charges`` now would do (nothing is written); ``report=False``: an
         allowed decision without ``remaining``."""
-        steps = [
-            gcra.Step(bucket_name(c.key, c.tier.id), c.tier.interval, c.tier.capacity, c.amount)
-            for c in charges
-        ]
+        steps = [c.step for c in charges]
         result = gcra.plan(
             steps, lambda step: self._level(step.name, step.interval, now), report=report
         )
@@ -285,7 +282,7 @@ class MemoryLimitStore:
     async def refund(self, charges: Sequence[Charge]) -> None:
         now = self._now()
         for c in charges:
-            name, interval = bucket_name(c.key, c.tier.id), c.tier.interval
+            name, interval = c.bucket, c.tier.interval
             level = gcra.refunded(self._level(name, interval, now), c.amount)
             self._write_level(name, level, level * interval, now)
 

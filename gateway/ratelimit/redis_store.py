@@ -564,7 +564,7 @@ class RedisLimitStore:
     async def acquire(self, charges: Sequence[Charge], *, dry_run: bool = False) -> Decision:
         if not charges:
             return Decision(True)
-        keys = [self._key(bucket_name(c.key, c.tier.id)) for c in charges]
+        keys = [self._key(c.bucket) for c in charges]
         words = ["1" if dry_run else "0"]
         for c in charges:
             words += (repr(c.tier.interval), str(c.tier.capacity), str(c.amount))
@@ -608,7 +608,7 @@ class RedisLimitStore:
             decision = await self.acquire(charges, dry_run=dry_run)
             return Admission(decision if not decision.allowed else _ALLOWED)
         hashed = [hashed_members(d.key, d.members) for d in distinct]
-        keys = [self._key(bucket_name(c.key, c.tier.id)) for c in charges]
+        keys = [self._key(c.bucket) for c in charges]
         keys += [self._key(distinct_name(d.key)) for d in distinct]
         words = ["1" if dry_run else "0", str(len(charges))]
         for c in charges:
@@ -634,7 +634,7 @@ class RedisLimitStore:
     async def refund(self, charges: Sequence[Charge]) -> None:
         if not charges:
             return
-        keys = [self._key(bucket_name(c.key, c.tier.id)) for c in charges]
+        keys = [self._key(c.bucket) for c in charges]
         words = " ".join(f"{c.tier.interval!r} {c.amount}" for c in charges)
         await self._eval("refund", self._refund, keys, [words])
 

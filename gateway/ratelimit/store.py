@@ -32,11 +32,12 @@ from __future__ import annotations
 import hashlib
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 # re-exported: the stores raise it; it lives in the core error tree
 from gateway.core.errors import LimitStoreUnavailable as LimitStoreUnavailable
+from gateway.ratelimit import gcra
 
 SEPARATOR = "|"
 
@@ -97,10 +98,20 @@ class Charge:
     key: str
     tier: Tier
     amount: int
+    #: the stored bucket's name and the charge as a GCRA step, built once with the charge (the
+    #: charges of a resolved limit are reused by every transaction it applies to)
+    bucket: str = field(init=False, repr=False, compare=False)
+    step: gcra.Step = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         _check_key(self.key)
         _check_amount(self.amount, f"charge amount for {self.tier.id}")
+        tier = self.tier
+        bucket = bucket_name(self.key, tier.id)
+        object.__setattr__(self, "bucket", bucket)
+        object.__setattr__(
+            self, "step", gcra.Step(bucket, tier.interval, tier.capacity, self.amount)
+        )
 
 
 @dataclass(frozen=True, slots=True)
