@@ -10,8 +10,8 @@ small integers, whereas a TAT near 1.7e9 s (Redis server time) carries only ~0.2
 
 :func:`plan` evaluates a whole all-or-nothing request over several buckets (the same bucket may
 appear more than once: later charges see the earlier ones). The memory store calls it directly;
-the Redis store runs a line-by-line port of it in Lua (``redis_store.ACQUIRE_LUA``) and the
-contract tests prove both agree.
+the Redis store runs a line-by-line port of it in Lua (``gcra_plan`` in ``redis_store``'s Lua
+prelude, used by its acquire and admit scripts) and the contract tests prove both agree.
 
 Floating-point policy: a level within :data:`EPSILON` units of a boundary counts as on it, so
 ``measured``, ``remaining`` and the decision always agree (``measured > limit`` exactly when

@@ -114,6 +114,55 @@ local function write(levels, ttls)
     end
   end
 end
+-- All-or-nothing GCRA charges, a port of gateway.ratelimit.gcra.plan: charge i is against
+-- bucket KEYS[i] (a bucket may repeat; later charges see the earlier ones), with its interval,
+-- capacity and amount in words a[base + 3i - 2 .. base + 3i]. Returns the levels and TTLs to
+-- write, the reply words so far ('1', then "<remaining_i> <reset_after_i>" per charge when
+-- report), and the denial words (nil when allowed): "0 <index, 0-based> <measured> <capacity>
+-- <retry_after> <reset_after> <never 0|1>" (durations %.17g, "inf" when never).
+local function gcra_plan(n, a, base, report)
+  local levels, initial, asked, ttls = {}, {}, {}, {}
+  local out = {'1'}
+  local denied = nil
+  local retry = 0
+  local never = false
+  for i = 1, n do
+    local k = KEYS[i]
+    local interval = tonumber(a[base + 3 * i - 2])
+    local capacity = tonumber(a[base + 3 * i - 1])
+    local amount = tonumber(a[base + 3 * i])
+    local level = levels[k]
+    if level == nil then
+      level = level_of(k, interval)
+      initial[k] = level
+    end
+    local after = level + amount
+    levels[k] = after
+    asked[k] = (asked[k] or 0) + amount
+    ttls[k] = after * interval
+    if after > capacity + EPS then
+      if asked[k] > capacity then never = true end
+      local wait = (after - capacity) * interval
+      if wait > retry then retry = wait end
+      if denied == nil then
+        denied = {'0', i - 1, fmt(math.ceil(after - EPS)), fmt(capacity), '0',
+                  fmt(initial[k] * interval), '0'}
+      end
+    elseif report and denied == nil then
+      out[#out + 1] = fmt(math.max(0, math.floor(capacity - after + EPS)))
+      out[#out + 1] = fmt(after * interval)
+    end
+  end
+  if denied ~= nil then
+    if never then
+      denied[5] = fmt(math.huge)
+      denied[7] = '1'
+    else
+      denied[5] = fmt(retry)
+    end
+  end
+  return levels, ttls, out, denied
+end
 """
 
 ACQUIRE_LUA = (
@@ -128,47 +177,8 @@ ACQUIRE_LUA = (
 --            nothing written. Durations are %.17g ("inf" when never).
 local a = {}
 for w in string.gmatch(ARGV[1], '%S+') do a[#a + 1] = w end
-local levels, initial, asked, ttls = {}, {}, {}, {}
-local out = {'1'}
-local denied = nil
-local retry = 0
-local never = false
-for i = 1, #KEYS do
-  local k = KEYS[i]
-  local interval = tonumber(a[3 * i - 1])
-  local capacity = tonumber(a[3 * i])
-  local amount = tonumber(a[3 * i + 1])
-  local level = levels[k]
-  if level == nil then
-    level = level_of(k, interval)
-    initial[k] = level
-  end
-  local after = level + amount
-  levels[k] = after
-  asked[k] = (asked[k] or 0) + amount
-  ttls[k] = after * interval
-  if after > capacity + EPS then
-    if asked[k] > capacity then never = true end
-    local wait = (after - capacity) * interval
-    if wait > retry then retry = wait end
-    if denied == nil then
-      denied = {'0', i - 1, fmt(math.ceil(after - EPS)), fmt(capacity), '0',
-                fmt(initial[k] * interval), '0'}
-    end
-  elseif denied == nil then
-    out[#out + 1] = fmt(math.max(0, math.floor(capacity - after + EPS)))
-    out[#out + 1] = fmt(after * interval)
-  end
-end
-if denied ~= nil then
-  if never then
-    denied[5] = fmt(math.huge)
-    denied[7] = '1'
-  else
-    denied[5] = fmt(retry)
-  end
-  return table.concat(denied, ' ')
-end
+local levels, ttls, out, denied = gcra_plan(#KEYS, a, 1, true)
+if denied ~= nil then return table.concat(denied, ' ') end
 if a[1] ~= '1' then write(levels, ttls) end
 return table.concat(out, ' ')
 """
@@ -178,7 +188,8 @@ ADMIT_LUA = (
     _PRELUDE
     + """
 -- admit: acquire's GCRA charges and distinct's member sets in one all-or-nothing call (the
--- GCRA part is ACQUIRE_LUA's loop, the sets DISTINCT_LUA's, both writing only at the end).
+-- GCRA part is the prelude's gcra_plan, as in acquire; the sets DISTINCT_LUA's loop; both write only
+-- at the end).
 -- KEYS[1..n]: the buckets of the n charges; KEYS[n+1..]: the distinct sets (each once).
 -- ARGV[1]: words "<dry> <n> <interval_1> <capacity_1> <amount_1> ..." (dry: 1 = dry run);
 -- ARGV[2]: words "<window_1> <limit_1> <members_1> ..." per set (limit -1: none; members: how
@@ -189,44 +200,8 @@ ADMIT_LUA = (
 local a = {}
 for w in string.gmatch(ARGV[1], '%S+') do a[#a + 1] = w end
 local n = tonumber(a[2])
-local levels, initial, asked, ttls = {}, {}, {}, {}
-local out = {'1'}
-local denied = nil
-local retry = 0
-local never = false
-for i = 1, n do
-  local k = KEYS[i]
-  local interval = tonumber(a[3 * i])
-  local capacity = tonumber(a[3 * i + 1])
-  local amount = tonumber(a[3 * i + 2])
-  local level = levels[k]
-  if level == nil then
-    level = level_of(k, interval)
-    initial[k] = level
-  end
-  local after = level + amount
-  levels[k] = after
-  asked[k] = (asked[k] or 0) + amount
-  ttls[k] = after * interval
-  if after > capacity + EPS then
-    if asked[k] > capacity then never = true end
-    local wait = (after - capacity) * interval
-    if wait > retry then retry = wait end
-    if denied == nil then
-      denied = {'0', i - 1, fmt(math.ceil(after - EPS)), fmt(capacity), '0',
-                fmt(initial[k] * interval), '0'}
-    end
-  end
-end
-if denied ~= nil then
-  if never then
-    denied[5] = fmt(math.huge)
-    denied[7] = '1'
-  else
-    denied[5] = fmt(retry)
-  end
-  return table.concat(denied, ' ')
-end
+local levels, ttls, out, denied = gcra_plan(n, a, 2, false)
+if denied ~= nil then return table.concat(denied, ' ') end
 local d = {}
 for w in string.gmatch(ARGV[2], '%S+') do d[#d + 1] = w end
 local sets = {}
