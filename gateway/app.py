@@ -148,7 +148,10 @@ async def open_stores(config: Config, *, migrate: bool | None = None) -> Stores:
     engine = create_engine(config)
     accounts = SqlAccountStore(engine, timeout=config.database.timeout)
     audit = SqlAuditStore(
-        engine, batch_size=config.audit.batch_size, timeout=config.database.timeout
+        engine,
+        batch_size=config.audit.batch_size,
+        timeout=config.database.timeout,
+        linger=config.audit.batch_linger,
     )
     await audit.start()
     policy = SqlPolicyState(engine, timeout=config.database.timeout)

@@ -416,11 +416,16 @@ _RECORD_FIELDS = tuple(c.name for c in RECORD.columns)
 class SqlAuditStore:
     """The audit log in the SQL database (see the module docstring)."""
 
-    def __init__(self, engine: AsyncEngine, batch_size: int, timeout: float) -> None:
+    def __init__(
+        self, engine: AsyncEngine, batch_size: int, timeout: float, linger: float = 0.0
+    ) -> None:
         if batch_size < 1:
             raise ValueError("batch_size must be at least 1")
+        if not 0.0 <= linger <= 1.0:
+            raise ValueError("linger must be between 0 and 1 second")
         self._engine = engine
         self._batch_size = batch_size
+        self._linger = linger
         self._timeout = timeout
         self._pending: collections.deque[_Write] = collections.deque()
         self._wakeup = asyncio.Event()
@@ -662,6 +667,16 @@ class SqlAuditStore:
             batch = [w for w in batch if not (w.skip_if_abandoned and w.future.done())]
             if batch:
                 await self._write_batch(batch)
+                # group commit under load: records arrived while that batch was written, so
+                # more are coming; wait up to `linger` for them to share the next transaction
+                # (a writer that was idle writes at once: no delay when the gateway is quiet)
+                if (
+                    self._linger
+                    and self._pending
+                    and len(self._pending) < self._batch_size
+                    and not self._closing
+                ):
+                    await asyncio.sleep(self._linger)
 
     async def _write_batch(self, batch: list[_Write]) -> None:
         # No asyncio timeout here: cancelling a driver call midway can leave its connection holding

@@ -234,6 +234,19 @@ class AuditConfig:
     batch_size: int = doc_field(
         256, "Most audit records written in one database transaction (group commit)."
     )
+    batch_linger: float = doc_field(
+        0.002,
+        "Seconds the audit writer waits for more records before its next transaction when records "
+        "arrived while it was writing (group commit delay under load, like PostgreSQL's "
+        "`commit_delay`): fewer, larger transactions; each record waits at most this long more. "
+        "A writer that was idle writes at once. 0: never wait; at most 1.",
+    )
+
+    def validate(self) -> None:
+        if self.batch_size < 1:
+            raise ConfigError("", "batch_size", "must be at least 1")
+        if not 0 <= self.batch_linger <= 1:
+            raise ConfigError("", "batch_linger", "must be between 0 and 1 (seconds)")
 
 
 @dataclass(frozen=True)

@@ -271,6 +271,60 @@ async def test_group_commit_many_concurrent_writers(stores: Stores) -> None:
         assert [r.status for r in records[audit_id].recipients] == ["delivered", "delivered"]
 
 
+async def test_linger_lets_records_arriving_during_a_write_share_the_next_commit(
+    db_config: Any,
+) -> None:
+    # under load (a record is pending when a write finishes) the writer waits `linger` for more:
+    # w2 waits during w1's write; w3 and w4 come right after w1's commit; with the linger all three
+    # share one commit (without it, w2 would be written alone at once: three commits)
+    engine = engine_for_url(db_config.database_url)
+    audit = SqlAuditStore(engine, batch_size=256, timeout=5.0, linger=0.5)
+    await audit.start()
+    commits = 0
+
+    def count(_conn: Any) -> None:
+        nonlocal commits
+        commits += 1
+
+    event.listen(engine.sync_engine, "commit", count)  # type: ignore[attr-defined]
+    try:
+        w1 = asyncio.ensure_future(audit.record_transaction(make_txn(), "aborted"))
+        while not audit._pending:  # w1 submitted
+            await asyncio.sleep(0)
+        while audit._pending:  # ... and taken by the writer, which is writing it now
+            await asyncio.sleep(0)
+        w2 = asyncio.ensure_future(audit.record_transaction(make_txn(), "aborted"))
+        await w1
+        assert not w2.done()
+        rest = [audit.record_transaction(make_txn(), "aborted") for _ in range(2)]
+        await asyncio.gather(w2, *rest)
+    finally:
+        event.remove(engine.sync_engine, "commit", count)  # type: ignore[attr-defined]
+        await audit.close()
+    assert commits == 2
+    assert len(await audit.list_records(limit=10)) == 4
+    await engine.dispose()
+
+
+async def test_an_idle_writer_does_not_linger(db_config: Any) -> None:
+    engine = engine_for_url(db_config.database_url)
+    audit = SqlAuditStore(engine, batch_size=256, timeout=5.0, linger=1.0)
+    await audit.start()
+    try:
+        for _ in range(3):  # one at a time: each finds the writer idle and is written at once
+            await asyncio.wait_for(audit.record_transaction(make_txn(), "aborted"), 0.9)
+    finally:
+        await audit.close()
+        await engine.dispose()
+
+
+def test_linger_is_bounded() -> None:
+    engine = engine_for_url("sqlite+aiosqlite://")
+    for bad in (-0.1, 1.5):
+        with pytest.raises(ValueError, match="linger"):
+            SqlAuditStore(engine, batch_size=4, timeout=5.0, linger=bad)
+
+
 async def test_a_bad_row_fails_only_its_own_write(stores: Stores) -> None:
     txn = make_txn()
     good = [make_txn() for _ in range(20)]

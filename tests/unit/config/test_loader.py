@@ -409,3 +409,9 @@ def test_unknown_key_error_lists_the_known_keys(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as info:
         load_config(site(tmp_path, "[audit]\nbatch = 5\n"))
     assert "batch_size" in info.value.problem
+
+
+def test_audit_batch_linger_is_bounded(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(site(tmp_path, "[audit]\nbatch_linger = 2\n"))
+    assert info.value.key.endswith("batch_linger") and "between 0 and 1" in info.value.problem
