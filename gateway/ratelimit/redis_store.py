@@ -114,6 +114,22 @@ local function write(levels, ttls)
     end
   end
 end
+-- Record ARGV[first..last] as members of the sorted set k seen now (ZADD in slices of 500, so
+-- a long list never exceeds Lua's unpack limit) and keep the set for window seconds.
+local function add_members(k, window, first, last)
+  local score = fmt(now)
+  local batch = {}
+  for i = first, last do
+    batch[#batch + 1] = score
+    batch[#batch + 1] = ARGV[i]
+    if #batch >= 1000 then
+      redis.call('ZADD', k, unpack(batch))
+      batch = {}
+    end
+  end
+  if #batch > 0 then redis.call('ZADD', k, unpack(batch)) end
+  redis.call('PEXPIRE', k, math.max(1, math.ceil(window * 1000)))
+end
 -- All-or-nothing GCRA charges, a port of gateway.ratelimit.gcra.plan: charge i is against
 -- bucket KEYS[i] (a bucket may repeat; later charges see the earlier ones), with its interval,
 -- capacity and amount in words a[base + 3i - 2 .. base + 3i]. Returns the levels and TTLs to
@@ -232,22 +248,9 @@ for j = 1, #KEYS - n do
 end
 if a[1] ~= '1' then
   write(levels, ttls)
-  local score = fmt(now)
   for j = 1, #sets do
     local k, window, first, count_members = unpack(sets[j])
-    if count_members > 0 then
-      local batch = {}
-      for i = first, first + count_members - 1 do
-        batch[#batch + 1] = score
-        batch[#batch + 1] = ARGV[i]
-        if #batch >= 1000 then
-          redis.call('ZADD', k, unpack(batch))
-          batch = {}
-        end
-      end
-      if #batch > 0 then redis.call('ZADD', k, unpack(batch)) end
-      redis.call('PEXPIRE', k, math.max(1, math.ceil(window * 1000)))
-    end
+    if count_members > 0 then add_members(k, window, first, first + count_members - 1) end
   end
 end
 return table.concat(out, ' ')
@@ -285,16 +288,16 @@ for i = 1, #KEYS do out[#out + 1] = redis.call('GET', KEYS[i]) end
 return out
 """
 
-DISTINCT_LUA = """
+DISTINCT_LUA = (
+    _PRELUDE
+    + """
 -- distinct: members seen in a sliding window, in a sorted set scored by server time.
 -- KEYS[1]: the set; ARGV[1] window (s); ARGV[2] limit (-1: none); ARGV[3] '1' = dry run;
 -- ARGV[4..]: member hashes, already distinct. Returns {count_after, allowed, added}.
-local t = redis.call('TIME')
-local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
 local k = KEYS[1]
 local window = tonumber(ARGV[1])
 local limit = tonumber(ARGV[2])
-redis.call('ZREMRANGEBYSCORE', k, '-inf', string.format('%.17g', now - window))
+redis.call('ZREMRANGEBYSCORE', k, '-inf', fmt(now - window))
 local count = redis.call('ZCARD', k)
 local new = 0
 for i = 4, #ARGV do
@@ -303,20 +306,10 @@ end
 local after = count + new
 if limit >= 0 and new > 0 and after > limit then return {after, 0, 0} end
 if ARGV[3] == '1' or #ARGV < 4 then return {after, 1, new} end
-local score = string.format('%.17g', now)
-local batch = {}
-for i = 4, #ARGV do
-  batch[#batch + 1] = score
-  batch[#batch + 1] = ARGV[i]
-  if #batch >= 1000 then
-    redis.call('ZADD', k, unpack(batch))
-    batch = {}
-  end
-end
-if #batch > 0 then redis.call('ZADD', k, unpack(batch)) end
-redis.call('PEXPIRE', k, math.max(1, math.ceil(window * 1000)))
+add_members(k, window, 4, #ARGV)
 return {after, 1, new}
 """
+)
 
 INCR_LUA = """
 -- incr: a fixed-window counter. KEYS[1]; ARGV[1] amount; ARGV[2] window in ms.
