@@ -28,8 +28,12 @@ Noise: for each timed run the CPU used by processes outside the benchmark ("othe
 machine's busy time from /proc/stat less the harness, smtp-source, the sink and each gateway's
 whole process tree) and the hypervisor steal (the ``cpu`` line's 8th value in /proc/stat, not
 counted as busy) are recorded, in % of one core. Runs with other load above MAX_OTHER_PERCENT
-are "disturbed"; medians use the quiet ones when there are any. Steal is printed beside it, since
-it slows every process alike and no quiet window can wait it out.
+are "disturbed"; medians use the quiet ones when there are any. Steal cannot be waited out (it
+comes and goes with the host's other guests, for minutes), but it moves from one run to the next:
+a pair whose off run had 20 % steal and whose on run none measures the host, not the policy. The
+paired ratio therefore uses the *calm* pairs when there are any: both runs quiet and both with
+steal at most MAX_STEAL_PERCENT of a core (then the quiet pairs, then every pair); the filter
+looks only at the machine, never at the ratio, so it drops pairs disturbed either way.
 
 Reads: /proc (CPU times), the measured source tree's ``policies/*.toml`` (rate-limit names), the
 gateways' SQLite databases (read-only, after the runs).
@@ -111,6 +115,7 @@ GOAL_POLICY_RATIO = 0.8  # issue 3: msgs/s with the shipped policy on / off (pai
 # A run during which processes outside the benchmark used more than this (% of one core) is
 # "disturbed": medians use the quiet runs when there are any.
 MAX_OTHER_PERCENT = 10.0  # at 20 sessions, ~2 KB messages, audit written
+MAX_STEAL_PERCENT = 10.0  # hypervisor steal (% of one core) a run of a calm pair may have
 
 SIZES = {"2KB": 2048, "100KB": 102_400}
 # Messages per timed run: large enough that the baseline run lasts well over 0.1 s.
@@ -423,6 +428,14 @@ def kept(runs: Sequence[R]) -> list[R]:
 def quiet(runs: Sequence[Run]) -> int:
     """How many of ``runs`` succeeded while the machine was quiet."""
     return sum(1 for r in runs if r.ok and (r.other_cpu_percent or 0) <= MAX_OTHER_PERCENT)
+
+
+def calm(pair: tuple[SourceRun, SourceRun]) -> bool:
+    """Both runs of a pair succeeded, were quiet and had little hypervisor steal (at most
+    MAX_STEAL_PERCENT of a core each): the ratio of such a pair measures the gateways."""
+    return quiet(pair) == 2 and all(
+        r.steal_percent is not None and r.steal_percent <= MAX_STEAL_PERCENT for r in pair
+    )
 
 
 # --------------------------------------------------------------------------- the gateway
@@ -766,16 +779,19 @@ class Cell:
             for off, on in zip(self.runs("off"), self.runs("on"), strict=False)
         ]
 
-    def paired_ratio(self) -> float | None:
-        """The median of the paired ratios, over the pairs whose two runs were both quiet when
-        there are any, else over every pair that succeeded."""
+    def used_pairs(self) -> list[tuple[SourceRun, SourceRun]]:
+        """The (off, on) pairs the paired ratio uses: the calm ones (see :func:`calm`) when there
+        are any, else those whose two runs were quiet, else every pair that succeeded."""
         good = [
             (off, on)
             for off, on in zip(self.runs("off"), self.runs("on"), strict=False)
             if off.ok and on.ok
         ]
-        calm = [p for p in good if quiet(p) == 2]
-        ratios = [on.msgs_per_sec / off.msgs_per_sec for off, on in (calm or good)]
+        return [p for p in good if calm(p)] or [p for p in good if quiet(p) == 2] or good
+
+    def paired_ratio(self) -> float | None:
+        """The median of the paired ratios over :meth:`used_pairs`."""
+        ratios = [on.msgs_per_sec / off.msgs_per_sec for off, on in self.used_pairs()]
         return round(statistics.median(ratios), 4) if ratios else None
 
     def gateway_summary(self, policy: str, base: float | None) -> dict[str, Any]:
@@ -827,6 +843,12 @@ class Cell:
             "gateway_cpu_percent": main["cpu_percent"],
             "paired_ratios": self.paired_ratios() if self.paired else None,
             "paired_ratio": self.paired_ratio() if self.paired else None,
+            "paired_used": len(self.used_pairs()) if self.paired else None,
+            "paired_calm": (
+                sum(1 for p in zip(self.runs("off"), self.runs("on"), strict=False) if calm(p))
+                if self.paired
+                else None
+            ),
             "other_cpu_percent_max": max(other) if other else None,
             "steal_percent_max": max(steal) if steal else None,
             "steal_percent_median": round(statistics.median(steal), 1) if steal else None,
@@ -1089,10 +1111,13 @@ def print_paired_table(cells: list[Cell]) -> None:
             zip(s["paired_ratios"], cell.runs("off"), cell.runs("on"), strict=False)
         ):
             order = "off,on" if i % 2 == 0 else "on,off"
-            mark = "" if quiet([r_off, r_on]) == 2 else "*"
+            mark = "*" if quiet([r_off, r_on]) < 2 else "" if calm((r_off, r_on)) else "s"
             pairs.append(f"{_fmt(ratio, '.3f')}{mark} ({order})")
         if pairs:
-            print(f"    on/off by repeat: {'  '.join(pairs)}")
+            print(
+                f"    on/off by repeat: {'  '.join(pairs)}   "
+                f"(calm pairs {s['paired_calm']}, median over {s['paired_used']})"
+            )
         print_failed_runs(cell)
 
 
@@ -1104,8 +1129,9 @@ def print_legend(cells: list[Cell]) -> None:
             "(the shipped policy); each repeat runs the baseline, then both gateways, the order "
             "alternating (off,on / on,off). off/s, on/s: median msgs/s of their timed runs; "
             "on/off: the median of the paired ratios (each on run / the off run of the same "
-            "repeat, listed below the row; * = a run of the pair was disturbed), over the quiet "
-            "pairs when there are any."
+            "repeat, listed below the row; * = a run of the pair was disturbed by other "
+            f"processes, s = a run had more than {MAX_STEAL_PERCENT:.0f} % steal), over the calm "
+            "pairs (neither) when there are any, else the quiet ones."
         )
     else:
         print("\nmsgs/s: median of the timed runs; ratio: gateway/baseline.")
