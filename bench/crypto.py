@@ -141,22 +141,6 @@ def system_cpu(pid: int) -> float:
     return int(fields[12]) / os.sysconf("SC_CLK_TCK") if fields is not None else float("nan")
 
 
-def ours_cpu(*roots: int) -> float:
-    """CPU of this harness, its reaped children (smtp-source, gpg for keys), the sinks and the
-    gateways' trees: everything that belongs to the benchmark."""
-    total = common.own_cpu_seconds()
-    for root in roots:
-        if root:
-            own, below = common.tree_cpu(root)
-            total += own + below
-    return total
-
-
-def wait_quiet(timeout: float, *roots: int) -> float:
-    """``run.wait_quiet``, with the gateways counted as process trees."""
-    return relay.wait_quiet(timeout, *roots, ours=ours_cpu)
-
-
 # --------------------------------------------------------------------------- keys and messages
 
 
@@ -433,7 +417,7 @@ def send(
         source_cmd(gw.port, kind, file, sessions, count, reuse),
         sink,
         count,
-        ours=lambda: ours_cpu(gw.pid, *others),
+        ours=lambda: common.ours_cpu_seconds(gw.pid, *others),
         probe=lambda: (*common.tree_cpu(gw.pid), system_cpu(gw.pid)),
         expected=count * copies,
         timeout=timeout,
@@ -697,7 +681,7 @@ def run_cells(
             continue
         for i in range(args.repeat):
             if args.wait_quiet > 0:
-                wait_quiet(args.wait_quiet, sink.pid, clear.pid, enc.pid)
+                relay.wait_quiet(args.wait_quiet, sink.pid, clear.pid, enc.pid)
             order = ((clear, enc), (enc, clear)) if i % 2 == 0 else ((enc, clear), (clear, enc))
             for gw, other in order:
                 r = send(
@@ -731,7 +715,7 @@ def profile_cells(
             continue
         print(f"... profiling {cell.name} (encrypted arm)", flush=True)
         if args.wait_quiet > 0:
-            wait_quiet(args.wait_quiet, sink.pid, *(gw.pid for gw in gateways.values()))
+            relay.wait_quiet(args.wait_quiet, sink.pid, *(gw.pid for gw in gateways.values()))
         raw = enc.dir / f"profile-{cell.kind.name}-{cell.size_label}.txt"
         spy = relay.PySpy(enc.pid, raw)
         spy.cmd.append("--gil")  # only the thread holding the GIL: where the Python CPU goes
@@ -906,7 +890,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    os.environ["MAILWARD_BENCH_POLICY"] = "on"  # run.gateway_toml adds no pipeline; ours does
     if args.gateway_src:
         relay.GATEWAY_SRC = args.gateway_src.resolve()
     if not relay.tools_found():

@@ -77,7 +77,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from gateway.app import make_pipeline, open_stores  # noqa: E402
+from gateway.app import key_directory, make_pipeline, open_stores  # noqa: E402
 from gateway.config.loader import load_config, read_toml, shipped_dir  # noqa: E402
 from gateway.config.schema import Config  # noqa: E402
 from gateway.core.message import Headers, sha256_hex  # noqa: E402
@@ -95,7 +95,7 @@ from gateway.ratelimit.store import LimitStore  # noqa: E402
 
 SENDER = "bench@bench.local"
 RECIPIENT = "sink@example.test"
-POLICY_OFF = {"connect": [], "auth": [], "mail": [], "rcpt": [], "data": []}
+POLICY_OFF: dict[str, list[str]] = {"connect": [], "auth": [], "mail": [], "rcpt": [], "data": []}
 #: the gateway's CPU per message with the policy off in bench/run.py's goal cells (2 KB x 20,
 #: connections reused / one per message, docs/performance.md session 2): the ratio the policy's
 #: cost would give there
@@ -277,7 +277,7 @@ async def arm(args: argparse.Namespace, identity_name: str, policy: str, workdir
         limit_store=store,
         policy_state=stores.policy,
         account_state=stores.account_state,
-        key_store=stores.keys,
+        key_store=key_directory(config, stores.keys),
     )
     login = identity_name == "login"
     identity = (
@@ -316,7 +316,7 @@ async def timed(args: argparse.Namespace, arm: Arm, start: int, profile: bool) -
         pstats.Stats(profiler, stream=out).sort_stats(args.sort).print_stats(args.top)
         print(f"--- cProfile, policy {arm.policy} ---")
         print(out.getvalue())
-    return used / args.messages * 1e6
+    return float(used / args.messages * 1e6)
 
 
 async def measure(args: argparse.Namespace, identity_name: str, workdir: Path) -> Figure:
