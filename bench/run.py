@@ -1051,6 +1051,17 @@ def audit_text(cell: Cell, s: dict[str, Any]) -> str:
     return "; ".join(failed)
 
 
+def goal_status(cells: Sequence[Cell], figure: str, goal: float) -> dict[str, dict[str, Any]]:
+    """Per connection mode: the cell summary's ``figure``, the ``goal`` and whether it is met (at
+    least the goal, with the audit rows all there)."""
+    status: dict[str, dict[str, Any]] = {}
+    for cell in cells:
+        s = cell.summary()
+        met = (s[figure] or 0) >= goal and s["audit_ok"]
+        status[cell.connection] = {figure: s[figure], "goal": goal, "met": met}
+    return status
+
+
 def print_failed_runs(cell: Cell) -> None:
     for kind, runs in (
         ("baseline", cell.baseline),
@@ -1358,25 +1369,10 @@ def main(argv: list[str] | None = None) -> int:
     print_table(cells)
     print_legend(cells)
     goal_cells = [c for c in cells if c.size_label == "2KB" and c.sessions == 20 and not c.error]
-    goal = {
-        c.connection: {
-            "gateway_msgs_per_sec": c.summary()["gateway_msgs_per_sec"],
-            "goal": GOAL_MSGS_PER_SEC,
-            "met": (c.summary()["gateway_msgs_per_sec"] or 0) >= GOAL_MSGS_PER_SEC
-            and c.summary()["audit_ok"],
-        }
-        for c in goal_cells
-    }
-    goal_paired = {
-        c.connection: {
-            "paired_ratio": c.summary()["paired_ratio"],
-            "goal": GOAL_POLICY_RATIO,
-            "met": (c.summary()["paired_ratio"] or 0) >= GOAL_POLICY_RATIO
-            and c.summary()["audit_ok"],
-        }
-        for c in goal_cells
-        if c.paired
-    }
+    goal = goal_status(goal_cells, "gateway_msgs_per_sec", GOAL_MSGS_PER_SEC)
+    goal_paired = goal_status(
+        [c for c in goal_cells if c.paired], "paired_ratio", GOAL_POLICY_RATIO
+    )
     if goal and not args.baseline_only:
         which = " (policy on)" if args.policy == "both" else ""
         print(
