@@ -7,7 +7,9 @@ Structure (RFC 6522 ``multipart/report; report-type=delivery-status``):
 
 1. ``text/plain`` for people: what failed, for which recipients, and the upstream's reply;
 2. ``message/delivery-status`` (RFC 3464): per-message fields (``Reporting-MTA: dns; host``,
-   ``X-Mailward-Queue-ID``, ``Arrival-Date``) and one block per recipient (``Final-Recipient``,
+   ``X-Mailward-Queue-ID`` when the message was queued, ``X-Mailward-Transaction-ID`` (the SMTP
+   transaction's id, as in the log and the audit record), ``Arrival-Date``) and one block per
+   recipient (``Final-Recipient``,
    ``Action``, ``Status``, ``Diagnostic-Code``, ``Last-Attempt-Date``, ``Will-Retry-Until`` for
    warnings). A non-ASCII (SMTPUTF8) address is typed ``utf-8`` in its 7-bit
    ``utf-8-addr-xtext`` form (RFC 6533 section 3), so this part is always 7-bit;
@@ -318,7 +320,9 @@ def _human_text(
     message_id = headers.message_id if headers is not None else original.message_id_header
     if message_id:
         lines.append(f"Message-ID:   {clean(message_id, 200)}")
-    lines.append(f"Queue ID:     {original.id}")
+    if original.id:  # 0: refused at relay time while other recipients were accepted (not queued)
+        lines.append(f"Queue ID:     {original.id}")
+    lines.append(f"Transaction:  {_ascii(original.txn_id, 80)}")
     lines.append("")
     for recipient in failed:
         reason = clean(recipient.last_reply or "") or "no reply recorded"
@@ -342,11 +346,11 @@ def _status_part(
     warning: bool,
     arrival: datetime,
 ) -> bytes:
-    fields = [
-        f"Reporting-MTA: dns; {host}",
-        f"X-Mailward-Queue-ID: {original.id}",
-        f"Arrival-Date: {_date(arrival)}",
-    ]
+    fields = [f"Reporting-MTA: dns; {host}"]
+    if original.id:
+        fields.append(f"X-Mailward-Queue-ID: {original.id}")
+    fields.append(f"X-Mailward-Transaction-ID: {_ascii(original.txn_id, 80)}")
+    fields.append(f"Arrival-Date: {_date(arrival)}")
     for recipient in failed:
         fields.append("")
         fields.append(f"Final-Recipient: {typed_address(recipient.address)}")

@@ -265,6 +265,26 @@ def test_the_text_part_names_each_recipient_with_the_upstream_reply() -> None:
     assert "Subject: Quarterly réport" in unwrapped
     assert "Message-ID: <orig-1@example.com>" in unwrapped
     assert "Queue ID: 42" in unwrapped
+    assert "Transaction: sess.1" in unwrapped
+
+
+def test_a_recipient_refused_at_relay_time_is_bounced_without_a_queue_id() -> None:
+    """Gateway.bounce: refused for good while the others were relayed, nothing queued (id 0):
+    no "Queue ID: 0", but the transaction's id (log and audit) in both parts."""
+    data = build_dsn(
+        reporting_mta="gw.example.com",
+        original=replace(message(BOB), id=0, txn_id="3f2a9c1e7b4d5a60.2"),
+        failed=[BOB],
+        original_bytes=ORIGINAL,
+        arrival=ARRIVAL,
+        now=NOW,
+    )
+    text = " ".join(parts(parse(data))[0].get_content().split())
+    assert "Queue ID" not in text
+    assert "Transaction: 3f2a9c1e7b4d5a60.2" in text
+    first = check_rfc3464(raw_part(data, 1))[0]
+    assert "x-mailward-queue-id" not in first
+    assert first["x-mailward-transaction-id"] == "3f2a9c1e7b4d5a60.2"
 
 
 # --- the delivery-status part ----------------------------------------------------------------------
@@ -276,6 +296,7 @@ def test_per_message_and_per_recipient_fields() -> None:
     assert blocks[0]["reporting-mta"] == "dns; gw.example.com"
     assert parsedate_to_datetime(blocks[0]["arrival-date"]) == ARRIVAL
     assert blocks[0]["x-mailward-queue-id"] == "42"
+    assert blocks[0]["x-mailward-transaction-id"] == "sess.1"
     bob, carol = blocks[1:]
     assert bob["final-recipient"] == "rfc822; bob@example.net"
     assert bob["action"] == "failed"
