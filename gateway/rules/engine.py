@@ -411,15 +411,14 @@ class LiteralIndex:
 
     A pass costs one step per character plus one per occurrence found. A literal made of one
     repeated character (``xxx``, ``!!!``, ``$``) occurs at nearly every position of a long run of
-    that character in the text (smtp-source's filler lines of capital x: 76 occurrences of
-    ``xxx`` in 78 characters), so such runs are cut first: every run of one of those characters
-    longer than ``run_caps[c]`` (one more than the longest run of ``c`` inside any literal) is cut
-    to that length. The cut text
-    holds exactly the same literals (each run of ``c`` in a literal is shorter than the cap: where
-    it lies at the edge of a run of the text, the cut run is still long enough; where it must equal
-    a whole run of the text, that run is shorter than the cap and was not cut), and the pass costs
-    at most a few steps per run instead of one per character of it. Texts without such runs (the
-    usual case) cost one substring test per character concerned.
+    that character in the text (smtp-source's filler lines of capital x: 76 occurrences of ``xxx``
+    in 78 characters), so such runs are cut first: every run of one of those characters longer than
+    ``run_caps[c]`` (one more than the longest run of ``c`` inside any literal) is cut to that
+    length. The cut text holds exactly the same literals (each run of ``c`` in a literal is shorter
+    than the cap: where it lies at the edge of a run of the text, the cut run is still long enough;
+    where it must equal a whole run of the text, that run is shorter than the cap and was not cut),
+    and the pass costs at most a few steps per run instead of one per character of it. Texts without
+    such runs (the usual case) cost one substring test per character concerned.
 
     Built once per RuleEngine; immutable after construction, safe to share between threads."""
 
